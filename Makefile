@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Both create
+# .venv, install gaccum into it (building the CUDA module when nvcc is found)
+# and keep any torch the base Python already has.
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml setup.py
+	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
+	    echo "gaccum: using the torch of $(PY)"; $(PY) -m venv --system-site-packages $(VENV); \
+	else $(PY) -m venv $(VENV); fi
+	@$(VPY) -c "import torch" >/dev/null 2>&1 || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q setuptools wheel pybind11 ninja
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/gaccum demo
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+bench: setup
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(VPY) benchmarks/bench_kernel.py
+	$(VPY) benchmarks/bench_overhead.py
+	$(VPY) benchmarks/bench_planner.py
+
+clean:
+	rm -rf $(VENV) build gaccum/_C*.so *.egg-info

@@ -1,0 +1,100 @@
+"""Find the compiled CUDA module, or build it on first use, or say once why not.
+
+Order: ``GACCUM_DISABLE_EXT=1`` forces the fallback; a module installed next to
+this file (built by ``pip install .``) is used; otherwise, when ``nvcc`` and
+ninja are present, the module is JIT-built into a cache folder keyed by a hash
+of the sources (so an edit rebuilds, and a second process reuses it); otherwise
+the PyTorch fallback runs and one warning says so.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+from . import _build
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "module": None, "reason": None}
+
+
+def disabled() -> bool:
+    return os.environ.get("GACCUM_DISABLE_EXT", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("GACCUM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gaccum"
+    )
+    return Path(base)
+
+
+def _load_from(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader("gaccum._C", str(path))
+    spec = importlib.util.spec_from_file_location("gaccum._C", str(path), loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _find_prebuilt() -> Path | None:
+    here = Path(__file__).resolve().parent
+    cand = here / _build.module_filename()
+    return cand if cand.exists() else None
+
+
+def jit_build(verbose: bool = False) -> Path:
+    """Build the module into the cache folder (a no-op when it is already there)."""
+    target = cache_dir() / "ext" / _build.source_hash()
+    out = target / _build.module_filename()
+    if not out.exists():
+        _build.build(target, verbose=verbose)
+    return out
+
+
+def load(jit: bool = True, quiet: bool = False) -> ModuleType | None:
+    """The compiled module, or None (with the reason in :func:`reason`)."""
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]  # type: ignore[return-value]
+        _state["tried"] = True
+        module, reason = None, None
+        if disabled():
+            reason = "GACCUM_DISABLE_EXT is set"
+        else:
+            path = _find_prebuilt()
+            try:
+                if path is None and jit:
+                    path = jit_build()
+                if path is None:
+                    reason = "no prebuilt module and JIT build not requested"
+                else:
+                    module = _load_from(path)
+            except (_build.BuildError, ImportError, OSError) as exc:
+                reason = str(exc)
+        _state["module"], _state["reason"] = module, reason
+        if module is None and not quiet and not disabled():
+            warnings.warn(
+                f"gaccum: the fused CUDA kernel is unavailable ({reason}); using the PyTorch "
+                "fallback (correct, but several passes over memory)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return module
+
+
+def reason() -> str | None:
+    """Why :func:`load` returned None, if it did."""
+    return _state["reason"]  # type: ignore[return-value]
+
+
+def reset() -> None:
+    """Forget the cached load result (tests use it to exercise every path)."""
+    with _lock:
+        _state.update(tried=False, module=None, reason=None)

@@ -1,0 +1,562 @@
+"""Gradient accumulation that gives the large-batch gradient, exactly.
+
+How the weighting works (the part hand-written loops get wrong). Every
+micro-step i of a window carries a count n_i: ``num_items`` when the user gives
+it (tokens that are not padding), the planned micro-batch size for an uneven
+window, else 1. Its gradient enters the accumulator with weight n_i / R, where R
+is the *expected* window total (n_0 x N, or the plan's total): magnitudes stay
+those of an ordinary mean loss, so fp16 scaling behaves as usual. At the
+boundary the true total T is known (all-reduced under DDP) and one correction
+c = W * R / T makes the gradient the mean over every item of the window on
+every rank. For full, even windows c == 1 and no pass is spent on it. A partial
+last window is just a window with a smaller T, so ``flush()`` needs no special
+case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .master import HALF, MasterGrads, MasterWeights
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one micro-step did; ``stepped`` is True only on a real optimizer step.
+
+    ``skipped`` is True when the window ended but the step was skipped because
+    GradScaler (or gaccum's own check) found inf/NaN: PyTorch gives no public
+    way to learn this (pytorch/pytorch#67590).
+    """
+
+    stepped: bool = False
+    skipped: bool = False
+    boundary: bool = False
+    grad_norm: Optional[float] = None
+    loss_scale: Optional[float] = None
+    micro_step: int = 0
+    optimizer_step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_accum_steps(accum_steps: Any, name: str = "accum_steps") -> int:
+    if not _is_int(accum_steps):
+        raise TypeError(f"gaccum: {name} must be an int >= 1, got {accum_steps!r} ({type(accum_steps).__name__})")
+    if accum_steps < 1:
+        raise ValueError(f"gaccum: {name} must be >= 1, got {accum_steps}")
+    return accum_steps
+
+
+def _ddp_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _Engine:
+    """Window bookkeeping and the boundary step, shared by Accumulator and hook()."""
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        accum_steps: int,
+        *,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        scheduler: Any = None,
+        max_grad_norm: Optional[float] = None,
+        master_grads: bool | str = "auto",
+        nonfinite: str = "raise",
+        distributed: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"gaccum: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.accum_steps = check_accum_steps(accum_steps)
+        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0):
+            raise ValueError(f"gaccum: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"gaccum: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if master_grads not in ("auto", True, False):
+            raise ValueError(f"gaccum: master_grads must be 'auto', True or False, got {master_grads!r}")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        trainable = [p for p in params if p.requires_grad]
+        if not trainable:
+            raise ValueError("gaccum: the model has no trainable parameters (every parameter has requires_grad=False)")
+        if not any(id(p) in held for p in trainable):
+            raise ValueError(
+                "gaccum: the optimizer does not hold any of the model's trainable parameters; "
+                "build it from model.parameters()"
+            )
+        self.params = [p for p in trainable if id(p) in held]
+        self.optimizer = optimizer
+        self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        self.distributed = distributed
+        use_masters = any(p.dtype in HALF for p in self.params) if master_grads == "auto" else bool(master_grads)
+        self.masters: Optional[MasterGrads] = MasterGrads(self.params) if use_masters else None
+        self.master_weights: Optional[MasterWeights] = MasterWeights(optimizer, self.params) if use_masters else None
+        # window state
+        self.micro = 0  # micro-steps done in the current window
+        self.items = 0.0  # T_local: items seen in the current window
+        self.items_mode = False  # num_items given in this window
+        self.ref_total: Optional[float] = None  # R, fixed once
+        self.window_total: Optional[float] = None  # R from a plan's uneven window
+        self.last_synced = False  # the last backward let DDP reduce
+        # counters
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+        self.micro_steps = 0
+        self.skipped_micro_batches = 0
+        self.last_result = StepResult()
+        self.callbacks: list[Callable[[StepResult, "_Engine"], None]] = []
+        # Called with the engine once the window's gradient is final (reduced,
+        # corrected, unscaled) and before the optimizer steps: verify() reads it.
+        self.pre_step_hooks: list[Callable[["_Engine"], None]] = []
+
+    # -- helpers -------------------------------------------------------------
+    def window_len(self) -> int:
+        return self.accum_steps
+
+    def expected_total(self, n0: float) -> float:
+        return self.window_total if self.window_total is not None else n0 * self.accum_steps
+
+    def set_accum_steps(self, steps: int) -> None:
+        """Change N between windows (accumulation schedules)."""
+        steps = check_accum_steps(steps)
+        if self.micro:
+            raise RuntimeError("gaccum: accum_steps can only change at a window boundary")
+        if steps != self.accum_steps:
+            self.accum_steps = steps
+            self.window_total = None
+            self.ref_total = None  # R = n0 x N is re-agreed at the next window's first micro-step
+
+    def _grads(self) -> list[torch.Tensor]:
+        if self.masters is not None:
+            assert self.master_weights is not None
+            return [w.grad for w in self.master_weights.weights if w.grad is not None]
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def weight_for(self, n: float) -> float:
+        if self.ref_total is None:
+            self.ref_total = self._agree_ref(self.expected_total(n))
+        return n / self.ref_total
+
+    def _agree_ref(self, r: float) -> float:
+        """R must be the same on every rank for the post-reduce correction to hold."""
+        if self.distributed and _ddp_world() > 1:
+            t = torch.tensor([r], dtype=torch.float64, device=self._comm_device())
+            dist.all_reduce(t)
+            return float(t) / _ddp_world()
+        return r
+
+    def _comm_device(self) -> torch.device:
+        dev = self.params[0].device
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            return dev
+        return torch.device("cpu") if dev.type != "cuda" else dev
+
+    def begin_micro(self, weight: float) -> None:
+        if self.masters is not None:
+            self.masters.set_inv_scale(weight)
+
+    def end_micro(self, n: float, synced: bool) -> None:
+        self.micro += 1
+        self.micro_steps += 1
+        self.items += n
+        self.last_synced = synced
+
+    # -- the boundary ----------------------------------------------------------
+    def _global_total(self, partial: bool) -> float:
+        world = _ddp_world() if self.distributed else 1
+        if world > 1 and (self.items_mode or partial):
+            t = torch.tensor([self.items], dtype=torch.float64, device=self._comm_device())
+            dist.all_reduce(t)
+            return float(t)
+        return self.items * world
+
+    def step(self, partial: bool = False) -> StepResult:
+        """End the window: sync, correct, unscale/check, clip, step, zero."""
+        assert self.ref_total is not None
+        world = _ddp_world() if self.distributed else 1
+        total = self._global_total(partial)
+        correction = world * self.ref_total / total
+        if self.masters is not None:
+            m = self.masters
+            m.finalize()
+            if world > 1:
+                dist.all_reduce(m.flat)
+                correction /= world
+            if correction != 1.0:
+                m.flat.mul_(correction)
+            assert self.master_weights is not None
+            for w, v, written in zip(self.master_weights.weights, m.views, m.written):
+                w.grad = v if (written or world > 1) else None
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if world > 1 and not self.last_synced:
+                # The window ended under no_sync (a partial last window): reduce by hand.
+                self._allreduce_mean(grads)
+            if correction != 1.0 and grads:
+                torch._foreach_mul_(grads, correction)
+        return self._optimizer_step()
+
+    def _allreduce_mean(self, grads: list[torch.Tensor]) -> None:
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(_ddp_world())
+        off = 0
+        for g in grads:
+            g.copy_(flat[off : off + g.numel()].view_as(g))
+            off += g.numel()
+
+    def _optimizer_step(self) -> StepResult:
+        grad_norm = None
+        skipped = False
+        scale = None
+        opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            scale = float(self.scaler.get_scale())
+            self.scaler.unscale_(self.optimizer)
+            for fn in self.pre_step_hooks:
+                fn(self)
+            if self.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+            found = sum(float(v) for v in self.scaler._found_inf_per_device(self.optimizer).values())
+            skipped = found > 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            for fn in self.pre_step_hooks:
+                fn(self)
+            if self.masters is not None and float(self.masters.found_inf) > 0:
+                skipped = True
+                warnings.warn(
+                    "gaccum: inf/NaN in the accumulated gradient without a GradScaler; this window is discarded",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            if not skipped:
+                if self.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+                self.optimizer.step()
+        if not skipped:
+            if self.master_weights is not None:
+                self.master_weights.copy_back()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.optimizer_steps += 1
+        else:
+            self.skipped_steps += 1
+        self.discard()
+        result = StepResult(
+            stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm, loss_scale=scale,
+            micro_step=self.micro_steps, optimizer_step=self.optimizer_steps,
+        )
+        self.last_result = result
+        for cb in self.callbacks:
+            cb(result, self)
+        return result
+
+    def discard(self) -> None:
+        """Drop the window: gradients, counts and flags; weights untouched."""
+        if self.masters is not None:
+            self.masters.flush_pending()
+            self.masters.reset()
+            assert self.master_weights is not None
+            for w in self.master_weights.weights:
+                w.grad = None
+        for p in self.params:
+            p.grad = None
+        self.micro = 0
+        self.items = 0.0
+        self.items_mode = False
+
+    # -- checkpoints --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "accum_steps": self.accum_steps, "micro": self.micro, "items": self.items,
+            "items_mode": self.items_mode, "ref_total": self.ref_total, "last_synced": self.last_synced,
+            "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
+            "micro_steps": self.micro_steps, "skipped_micro_batches": self.skipped_micro_batches,
+        }
+        if self.masters is not None:
+            self.masters.flush_pending()
+            assert self.master_weights is not None
+            state["master_grads"] = self.masters.flat.detach().clone()
+            state["written"] = list(self.masters.written)
+            state["master_weights"] = [w.detach().clone() for w in self.master_weights.weights]
+        else:
+            state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = ("accum_steps", "micro", "items", "items_mode", "ref_total", "last_synced",
+                "optimizer_steps", "skipped_steps", "micro_steps", "skipped_micro_batches")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"gaccum: not an Accumulator state_dict (missing {missing})")
+        if ("master_grads" in state) != (self.masters is not None):
+            raise ValueError("gaccum: the checkpoint and this Accumulator disagree on master_grads; build it the same way")
+        if self.masters is not None:
+            assert self.master_weights is not None
+            if state["master_grads"].numel() != self.masters.flat.numel():
+                raise ValueError("gaccum: the checkpoint's master gradients do not match this model's parameters")
+            with torch.no_grad():
+                self.masters.flat.copy_(state["master_grads"])
+                for w, src in zip(self.master_weights.weights, state["master_weights"]):
+                    w.copy_(src)
+            self.masters.written = list(state["written"])
+            self.master_weights.copy_back()
+        else:
+            if len(state["grads"]) != len(self.params):
+                raise ValueError("gaccum: the checkpoint's gradients do not match this model's parameters")
+            for p, g in zip(self.params, state["grads"]):
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+        for k in keys:
+            setattr(self, k, state[k])
+
+
+def batch_norm_layers(model: nn.Module) -> list[str]:
+    """Names of layers whose forward depends on the micro-batch's statistics."""
+    return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class Accumulator:
+    """Gradient accumulation for a training loop you write.
+
+    >>> acc = Accumulator(model, opt, accum_steps=4, scaler=scaler, scheduler=sched)
+    >>> for x, y in micro_batches:
+    ...     with acc.accumulate():
+    ...         acc.backward(loss_fn(model(x), y))
+    >>> acc.flush()
+
+    ``plan=`` takes a :class:`gaccum.Plan` (accum_steps and window from it).
+    ``master_grads='auto'`` keeps FP32 master gradients/weights for fp16/bf16
+    parameters. ``drop_last=True`` makes :meth:`flush` discard a partial last
+    window. ``nonfinite='skip'`` skips a micro-batch whose loss is inf/NaN
+    instead of raising (only without a GradScaler; with one, the scaler skips).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accum_steps: Optional[int] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        scheduler: Any = None,
+        max_grad_norm: Optional[float] = None,
+        *,
+        plan: Any = None,
+        master_grads: bool | str = "auto",
+        drop_last: bool = False,
+        nonfinite: str = "raise",
+        warn_batchnorm: bool = True,
+        callbacks: Sequence[Callable[[StepResult, Any], None]] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gaccum: model must be a torch.nn.Module, got {type(model).__name__}")
+        window: Optional[list[int]] = None
+        if plan is not None:
+            if accum_steps is not None and accum_steps != plan.accum_steps:
+                raise ValueError(
+                    f"gaccum: accum_steps={accum_steps} disagrees with the plan's {plan.accum_steps}; pass one of them"
+                )
+            accum_steps = plan.accum_steps
+            window = list(plan.window)
+        if accum_steps is None:
+            raise TypeError("gaccum: Accumulator needs accum_steps=N or plan=gaccum.plan(...)")
+        self.model = model
+        self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        inner = model.module if self.ddp else model
+        self.engine = _Engine(
+            list(inner.parameters()), optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
+            max_grad_norm=max_grad_norm, master_grads=master_grads, nonfinite=nonfinite, distributed=self.ddp,
+        )
+        self.window = window
+        if window is not None:
+            self.engine.window_total = float(sum(window))
+        self.drop_last = drop_last
+        self.engine.callbacks.extend(callbacks)
+        self._in_micro = False
+        self._backward_done = False
+        self._synced_this_micro = False
+        if warn_batchnorm:
+            names = batch_norm_layers(inner)
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                warnings.warn(
+                    f"gaccum: {shown} compute statistics over each micro-batch, not the effective batch, so "
+                    "accumulation does not reproduce large-batch training for them; consider GroupNorm or "
+                    "LayerNorm, or SyncBatchNorm across ranks",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    # -- read-only state -----------------------------------------------------
+    @property
+    def accum_steps(self) -> int:
+        return self.engine.accum_steps
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.engine.optimizer_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
+
+    @property
+    def micro_steps(self) -> int:
+        return self.engine.micro_steps
+
+    @property
+    def micro_in_window(self) -> int:
+        return self.engine.micro
+
+    @property
+    def master_grad_bytes(self) -> int:
+        return self.engine.masters.nbytes if self.engine.masters is not None else 0
+
+    @property
+    def uses_master_grads(self) -> bool:
+        return self.engine.masters is not None
+
+    def add_callback(self, fn: Callable[[StepResult, Any], None]) -> None:
+        self.engine.callbacks.append(fn)
+
+    # -- the loop --------------------------------------------------------------
+    def _default_items(self) -> float:
+        if self.window is not None and len(self.window) == self.engine.accum_steps:
+            return float(self.window[self.engine.micro % len(self.window)])
+        return 1.0
+
+
+    @contextlib.contextmanager
+    def accumulate(self, last: Optional[bool] = None) -> Iterator["Accumulator"]:
+        """One micro-step. Under DDP, gradient sync only on the window's last.
+
+        ``last=True`` says this micro-step ends the data (so a short last window
+        syncs through DDP's own reducer instead of a manual all-reduce in flush()).
+        """
+        if self._in_micro:
+            raise RuntimeError("gaccum: accumulate() blocks cannot be nested")
+        eng = self.engine
+        is_last = eng.micro + 1 >= eng.window_len() or bool(last)
+        sync = is_last and eng.masters is None
+        ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
+        self._in_micro, self._backward_done, self._synced_this_micro = True, False, sync
+        self._last_flag = bool(last)
+        try:
+            with ctx:
+                yield self
+        finally:
+            self._in_micro = False
+
+    def backward(self, loss: torch.Tensor, num_items: Optional[int | float | torch.Tensor] = None) -> StepResult:
+        """Backward of one micro-batch's mean loss; steps when the window is full.
+
+        ``num_items``: the number of items ``loss`` is the mean over (e.g. tokens
+        that are not padding). Then the window's gradient is the mean over all
+        its items, not a mean of per-micro-batch means.
+        """
+        if not self._in_micro:
+            raise RuntimeError("gaccum: call acc.backward(loss) inside `with acc.accumulate():`")
+        if self._backward_done:
+            raise RuntimeError("gaccum: backward() was already called in this accumulate() block; one per micro-batch")
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"gaccum: loss must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"gaccum: loss must be a scalar (mean-reduced), got shape {tuple(loss.shape)}; reduce it with .mean()"
+            )
+        if not loss.requires_grad:
+            raise ValueError("gaccum: loss does not require grad (computed under no_grad, or detached?)")
+        eng = self.engine
+        if num_items is None:
+            n = self._default_items()
+        else:
+            if isinstance(num_items, torch.Tensor):
+                if num_items.numel() != 1:
+                    raise ValueError("gaccum: num_items must be a number or a one-element tensor")
+                num_items = num_items.item()
+            if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+                raise TypeError(f"gaccum: num_items must be a positive number, got {type(num_items).__name__}")
+            n = float(num_items)
+            if not n > 0 or math.isinf(n):
+                raise ValueError(f"gaccum: num_items must be > 0, got {num_items}; skip micro-batches with no items")
+            eng.items_mode = True
+        if eng.scaler is None and not bool(torch.isfinite(loss.detach()).all()):
+            if eng.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"gaccum: the loss is {float(loss)} (non-finite) and no GradScaler is set; nothing was accumulated. "
+                    "Pass nonfinite='skip' to skip such micro-batches"
+                )
+            eng.skipped_micro_batches += 1
+            self._backward_done = True
+            return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+        w = eng.weight_for(n)
+        if eng.masters is not None:
+            eng.begin_micro(w)
+            scaled = loss
+        else:
+            scaled = loss * w
+        if eng.scaler is not None:
+            scaled = eng.scaler.scale(scaled)
+        scaled.backward()
+        self._backward_done = True
+        eng.end_micro(n, self._synced_this_micro)
+        if eng.micro >= eng.window_len() or self._last_flag:
+            return eng.step(partial=eng.micro < eng.window_len())
+        return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+
+    def flush(self, drop: Optional[bool] = None) -> Optional[StepResult]:
+        """End a partial last window: step it weighted by its real size, or drop it.
+
+        Under DDP every rank must call it (it may all-reduce).
+        """
+        if self._in_micro:
+            raise RuntimeError("gaccum: flush() inside an accumulate() block; call it after the loop")
+        eng = self.engine
+        if eng.micro == 0:
+            return None
+        if self.drop_last if drop is None else drop:
+            eng.discard()
+            return None
+        return eng.step(partial=True)
+
+    def zero_grad(self) -> None:
+        """Discard the current window (its gradients) without stepping."""
+        self.engine.discard()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+
+    def close(self) -> None:
+        """Remove hooks and give the optimizer its original parameters back."""
+        if self.engine.masters is not None:
+            self.engine.masters.remove()
+        if self.engine.master_weights is not None:
+            self.engine.master_weights.restore()

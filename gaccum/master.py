@@ -1,0 +1,166 @@
+"""FP32 master gradients (and weights) for half-precision parameters.
+
+Accumulating bf16/fp16 gradients in ``.grad`` rounds every partial sum to 8 or
+11 bits of mantissa; after 64 micro-batches the error is visible. Here each
+parameter's gradient is moved into a flat FP32 buffer as soon as backward has
+produced it (``register_post_accumulate_grad_hook``) and the half gradient is
+freed. Hooks collect gradients into buckets so the fused op runs once per
+bucket, not once per parameter; the rest is flushed by an autograd callback at
+the end of the backward pass. At most one bucket of half gradients is alive.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .ops import unscale_check_accumulate_
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class MasterGrads:
+    """One flat FP32 buffer holding the accumulated gradient of ``params``."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(
+                f"gaccum: FP32 master gradients need all parameters on one device, found {sorted(map(str, devices))}; "
+                "pass master_grads=False for a model split across devices"
+            )
+        self.device = devices.pop()
+        self.params = list(params)
+        self.index = {p: i for i, p in enumerate(self.params)}
+        total = sum(p.numel() for p in self.params)
+        self.flat = torch.zeros(total, dtype=torch.float32, device=self.device)
+        self.views: list[torch.Tensor] = []
+        off = 0
+        for p in self.params:
+            self.views.append(self.flat[off : off + p.numel()].view_as(p))
+            off += p.numel()
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._inv_scale = torch.ones(1, dtype=torch.float32, device=self.device)
+        self._inv_scale_value = 1.0
+        self.written = [False] * len(self.params)
+        self.bucket_bytes = bucket_bytes
+        self._pending: list[int] = []
+        self._pending_bytes = 0
+        self._callback_queued = False
+        self.enabled = True
+        self.on_flush: Callable[[], None] | None = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+
+    # -- hooks ------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * 4
+
+    def set_inv_scale(self, value: float) -> None:
+        if value != self._inv_scale_value:
+            self._inv_scale.fill_(value)
+            self._inv_scale_value = value
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self.enabled or p.grad is None:
+            return
+        self._pending.append(self.index[p])
+        self._pending_bytes += p.grad.numel() * p.grad.element_size()
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self._pending_bytes >= self.bucket_bytes:
+            self.flush_pending()
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        self.flush_pending()
+        if self.on_flush is not None:
+            self.on_flush()
+
+    def flush_pending(self) -> None:
+        """Move the pending half gradients into the masters and free them."""
+        if not self._pending:
+            return
+        idx, self._pending, self._pending_bytes = self._pending, [], 0
+        for overwrite in (True, False):
+            sel = [i for i in idx if self.written[i] != overwrite]
+            if not sel:
+                continue
+            grads = [self.params[i].grad for i in sel]
+            masters = [self.views[i] for i in sel]
+            # The first micro-step of a window overwrites: no separate zeroing pass.
+            unscale_check_accumulate_(grads, masters, self.found_inf, self._inv_scale, overwrite=overwrite)
+        for i in idx:
+            self.params[i].grad = None
+            self.written[i] = True
+
+    # -- window boundary ---------------------------------------------------
+    def finalize(self) -> None:
+        """Zero the masters of parameters that got no gradient this window."""
+        self.flush_pending()
+        for i, w in enumerate(self.written):
+            if not w:
+                self.views[i].zero_()
+
+    def reset(self) -> None:
+        self.written = [False] * len(self.params)
+        self.found_inf.zero_()
+
+    def any_written(self) -> bool:
+        return any(self.written)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class MasterWeights:
+    """FP32 copies of half-precision parameters, swapped into the optimizer.
+
+    The optimizer then steps FP32 weights with FP32 gradients (the master
+    buffer's views); after each real step the result is copied back into the
+    model's half parameters. ``restore()`` puts the original parameters back.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> None:
+        self.optimizer = optimizer
+        self.model_params = list(params)
+        self.weights: list[torch.Tensor] = []
+        self._swapped: dict[torch.Tensor, torch.Tensor] = {}
+        for p in self.model_params:
+            if p.dtype in HALF:
+                w = torch.nn.Parameter(p.detach().to(torch.float32).clone(), requires_grad=p.requires_grad)
+                self._swapped[p] = w
+            else:
+                w = p
+            self.weights.append(w)
+        if self._swapped:
+            for group in optimizer.param_groups:
+                group["params"] = [self._swapped.get(q, q) for q in group["params"]]
+            for old, new in self._swapped.items():
+                if old in optimizer.state:
+                    st = optimizer.state.pop(old)
+                    optimizer.state[new] = {
+                        k: (v.to(torch.float32) if torch.is_tensor(v) and v.is_floating_point() and v.shape == new.shape else v)
+                        for k, v in st.items()
+                    }
+        self.half_pairs = [(p, w) for p, w in zip(self.model_params, self.weights) if p is not w]
+
+    def copy_back(self) -> None:
+        if self.half_pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in self.half_pairs], [w for _, w in self.half_pairs])
+
+    def restore(self) -> None:
+        if not self._swapped:
+            return
+        back = {w: p for p, w in self._swapped.items()}
+        for group in self.optimizer.param_groups:
+            group["params"] = [back.get(q, q) for q in group["params"]]
+        for w, p in back.items():
+            if w in self.optimizer.state:
+                self.optimizer.state[p] = self.optimizer.state.pop(w)
+        self._swapped = {}

@@ -1,0 +1,111 @@
+"""Check that accumulation reproduces the one-large-batch gradient on your model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .accumulate import Accumulator
+from .batch import batch_size, split_batch
+
+# Largest relative difference (max |g_acc - g_big| / max |g_big|) accepted, by
+# the parameters' dtype: summation order alone moves the last bits.
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class VerifyReport:
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    passed: bool
+    dtype: str
+    batch_size: int
+    micro_batch_size: int
+    accum_steps: int
+    worst_parameter: str
+
+    @property
+    def verdict(self) -> str:
+        word = "PASS" if self.passed else "FAIL"
+        return (f"{word}: {self.accum_steps} micro-batches of {self.micro_batch_size} vs one batch of "
+                f"{self.batch_size}: max rel diff {self.max_rel_diff:.2e} (tolerance {self.tolerance:.0e} for "
+                f"{self.dtype}), max abs diff {self.max_abs_diff:.2e}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict}
+
+    def __str__(self) -> str:
+        return self.verdict
+
+
+def verify(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batch: Any,
+    micro_batch_size: int,
+    *,
+    num_items_fn: Optional[Callable[[Any], int]] = None,
+    train_mode: bool = False,
+    tolerance: Optional[float] = None,
+) -> VerifyReport:
+    """Gradient of ``batch`` in one pass vs accumulated over micro-batches.
+
+    ``loss_fn(model, batch)`` returns the mean loss; ``num_items_fn(micro)``
+    gives the item count for token-normalised losses. The model runs in eval
+    mode unless ``train_mode`` (dropout would make the two passes differ); its
+    weights, gradients and mode are left as they were.
+    """
+    if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+        raise ValueError(f"gaccum: micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("gaccum: the model has no trainable parameters")
+    names = {p: n for n, p in model.named_parameters()}
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    model.train(train_mode)
+    n = batch_size(batch)
+    micro = split_batch(batch, micro_batch_size)
+    try:
+        for p in params:
+            p.grad = None
+        loss_fn(model, batch).backward()
+        big = [torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.double() for p in params]
+        for p in params:
+            p.grad = None
+        probe = torch.optim.SGD(params, lr=0.0)
+        acc = Accumulator(model, probe, accum_steps=len(micro), warn_batchnorm=False)
+        got: list[torch.Tensor] = []
+
+        def capture(engine: Any) -> None:
+            ws = engine.master_weights.weights if engine.master_weights is not None else engine.params
+            got.extend(torch.zeros_like(w, dtype=torch.float64) if w.grad is None else w.grad.double() for w in ws)
+
+        acc.engine.pre_step_hooks.append(capture)
+        try:
+            for mb in micro:
+                with acc.accumulate():
+                    items = num_items_fn(mb) if num_items_fn is not None else batch_size(mb)
+                    acc.backward(loss_fn(model, mb), num_items=items)
+            acc.flush()
+        finally:
+            acc.close()
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        model.train(was_training)
+    scale = max(float(b.abs().max()) for b in big) or 1.0
+    worst, max_abs = "", 0.0
+    for p, a, b in zip(params, got, big):
+        d = float((a - b).abs().max()) if a.numel() else 0.0
+        if d >= max_abs:
+            worst, max_abs = names.get(p, "?"), d
+    dtype = params[0].dtype
+    tol = tolerance if tolerance is not None else TOLERANCES.get(dtype, 1e-4)
+    rel = max_abs / scale
+    return VerifyReport(max_abs, rel, tol, rel <= tol, str(dtype).replace("torch.", ""), n, micro_batch_size,
+                        len(micro), worst)
