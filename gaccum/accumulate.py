@@ -107,6 +107,11 @@ class _Engine:
         self.nonfinite = nonfinite
         self.distributed = distributed
         use_masters = any(p.dtype in HALF for p in self.params) if master_grads == "auto" else bool(master_grads)
+        if use_masters and any(p.dtype not in (torch.float32, *HALF) for p in self.params):
+            raise ValueError(
+                "gaccum: FP32 master gradients are for float16/bfloat16/float32 parameters; a float64 model "
+                "accumulates exactly in .grad (pass master_grads=False)"
+            )
         self.masters: Optional[MasterGrads] = MasterGrads(self.params) if use_masters else None
         self.master_weights: Optional[MasterWeights] = MasterWeights(optimizer, self.params) if use_masters else None
         # window state

@@ -44,7 +44,11 @@ class AccumulationHook:
         self._stepping = False
         self._scheduler_pending = 0
         self._orig: list[tuple[Any, str, Any]] = []
-        self._patch(optimizer, "step", self._optimizer_step)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return self._optimizer_step(*args, **kwargs)
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # LR schedulers check for it
+        self._patch(optimizer, "step", step)
         self._patch(optimizer, "zero_grad", self._zero_grad)
         if self.scaler is not None:
             self._patch(self.scaler, "step", self._scaler_step)
