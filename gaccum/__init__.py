@@ -6,7 +6,10 @@ The public API, and nothing else, lives here.
 from .accumulate import Accumulator, StepResult
 from .hook import AccumulationHook, hook
 from .lr import num_optimizer_steps, scale_lr
+from .memory import format_bytes, parse_bytes
 from .ops import unscale_check_accumulate_
+from .plan import Plan, PlanError, plan
+from .probe import ProbeResult
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -14,10 +17,16 @@ __version__ = "0.1.0"
 __all__ = [
     "Accumulator",
     "AccumulationHook",
+    "Plan",
+    "PlanError",
+    "ProbeResult",
     "StepResult",
     "VerifyReport",
     "hook",
+    "format_bytes",
     "num_optimizer_steps",
+    "parse_bytes",
+    "plan",
     "scale_lr",
     "unscale_check_accumulate_",
     "verify",

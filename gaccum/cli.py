@@ -1,0 +1,79 @@
+"""``gaccum`` command line: ``gaccum plan FACTORY --target-bs N`` and ``gaccum demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+
+def load_factory(spec: str) -> Any:
+    """``module:function`` or ``path/to/file.py:function``."""
+    if ":" not in spec:
+        raise ValueError(f"gaccum: expected MODULE_OR_FILE:FACTORY, got {spec!r}")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py") or Path(target).is_file():
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"gaccum: no such file {target!r}")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert mod_spec is not None and mod_spec.loader is not None
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, name):
+        raise ValueError(f"gaccum: {target} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    factory = load_factory(args.factory)
+    made = factory()
+    if isinstance(made, dict):
+        model, sample, loss_fn, opt = made["model"], made["sample"], made["loss_fn"], made.get("optimizer")
+    else:
+        model, sample, loss_fn, opt = (list(made) + [None])[:4]
+    p = plan(model, target_bs=args.target_bs, sample=sample, loss_fn=loss_fn, optimizer=opt, amp=args.amp,
+             device=args.device, memory_limit=args.memory_limit, uneven=args.uneven, refresh=args.refresh,
+             objective=args.objective)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="gaccum", description="Plan micro-batches and accumulate gradients exactly.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("plan", help="find the largest micro-batch that fits and the accumulation window")
+    pp.add_argument("factory", help="MODULE_OR_FILE:FACTORY returning (model, sample, loss_fn, optimizer)")
+    pp.add_argument("--target-bs", type=int, required=True)
+    pp.add_argument("--memory-limit", default=None, help="e.g. 8GiB (required on CPU)")
+    pp.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    pp.add_argument("--device", default=None, help="'meta' to estimate without the device")
+    pp.add_argument("--uneven", action="store_true", help="full micro-batches and a short last one")
+    pp.add_argument("--objective", choices=["memory", "throughput"], default="memory")
+    pp.add_argument("--refresh", action="store_true", help="ignore the plan cache")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(fn=_cmd_plan)
+    from .demo.run import add_arguments, run_demo
+
+    pd = sub.add_parser("demo", help="plan and train a small GPT on the bundled corpus, write a report")
+    add_arguments(pd)
+    pd.set_defaults(fn=run_demo)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""``gaccum demo``: plan, verify, train with accumulation vs a small-batch baseline, report.
+
+Everything it needs ships with the package: a small GPT and a generated corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..accumulate import Accumulator
+from ..memory import format_bytes
+from ..metrics import MetricsLogger
+from ..plan import plan as make_plan
+from ..verify import verify
+from .model import Sampler, TinyGPT, lm_loss, load_corpus
+
+SEQ_LEN = 64
+CPU_MEMORY_LIMIT = "48MiB"  # the tiny GPT at 256 samples needs ~4x this: accumulation is really needed
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--target-bs", type=int, default=256, help="effective batch size (samples)")
+    p.add_argument("--memory-limit", default=None, help=f"memory budget (default: {CPU_MEMORY_LIMIT} on CPU, the GPU's free memory)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of the accumulated run")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate at the effective batch")
+    p.add_argument("--out", default="gaccum-report", help="report folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
+
+
+def _peak_fn(device: torch.device) -> Callable[[Callable[[], Any]], tuple[Any, int]]:
+    """Run fn and return (its result, its peak memory in bytes)."""
+    if device.type == "cuda":
+        def run(fn):
+            torch.cuda.reset_peak_memory_stats(device)
+            out = fn()
+            return out, int(torch.cuda.max_memory_allocated(device))
+        return run
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    def run_cpu(fn, _model=None, _opt=None):
+        tracker = MemTracker()
+        if run_cpu.model is not None:
+            tracker.track_external(run_cpu.model, run_cpu.opt)
+        with tracker:
+            out = fn()
+        snap = tracker.get_tracker_snapshot("peak")
+        return out, int(sum(v.get("Total", 0) for v in snap.values()))
+    run_cpu.model = run_cpu.opt = None  # type: ignore[attr-defined]
+    return run_cpu
+
+
+def _bar(total: int, desc: str, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=disable, dynamic_ncols=True, leave=True, mininterval=1.0)
+
+
+def _train(model, opt, sampler, micro_sizes: list[int], steps: int, accumulator_kw: dict, logger: MetricsLogger,
+           device, measure, desc: str, quiet: bool) -> dict[str, Any]:
+    acc = Accumulator(model, opt, **accumulator_kw)
+    acc.add_callback(logger)
+    measure.model, measure.opt = model, opt
+    micro_peaks: list[int] = []
+    bar = _bar(steps, desc, quiet)
+    t0 = time.perf_counter()
+    i = 0
+    samples = 0
+    while acc.optimizer_steps + acc.skipped_steps < steps:
+        b = micro_sizes[i % len(micro_sizes)]
+        x, y = sampler(b)
+
+        def micro_step():
+            with acc.accumulate():
+                loss = lm_loss(model, (x, y))
+                logger.micro(loss.detach(), b, b * SEQ_LEN)  # before backward: a boundary logs this window
+                res = acc.backward(loss)
+            return loss.detach(), res
+
+        (loss, res), peak = measure(micro_step)
+        micro_peaks.append(peak)
+        samples += b
+        i += 1
+        if res.boundary:
+            rec = logger.records[-1]
+            rec["peak_memory"] = max(micro_peaks[-len(micro_sizes):])
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rec['samples_per_s']:.0f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}", peak=format_bytes(rec["peak_memory"]),
+                            skipped=acc.skipped_steps, refresh=False)
+            bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    out = {"seconds": seconds, "samples": samples, "micro_peaks": micro_peaks, "records": list(logger.records),
+           "master_grad_bytes": acc.master_grad_bytes, "optimizer_steps": acc.optimizer_steps,
+           "skipped_steps": acc.skipped_steps}
+    acc.close()
+    return out
+
+
+def _plots(out: Path, big: dict, small: dict, plan_obj, budget: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, label, style in ((big, f"accumulated: effective batch {plan_obj.effective_batch_size} "
+                               f"({plan_obj.accum_steps} x {plan_obj.micro_batch_size})", "-o"),
+                              (small, f"baseline: batch {plan_obj.micro_batch_size}, no accumulation", "-")):
+        xs = [sum(r["samples"] for r in run["records"][: i + 1]) for i in range(len(run["records"]))]
+        ax.plot(xs, [r["loss"] for r in run["records"]], style, label=label, markersize=3, linewidth=1.4)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("training loss (cross-entropy, nats/byte)")
+    ax.set_title("gaccum demo: loss by samples seen")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    mib = 1 / 2**20
+    ax.plot(range(1, len(big["micro_peaks"]) + 1), [p * mib for p in big["micro_peaks"]], label="peak memory per micro-step (accumulated run)", linewidth=1.2)
+    ax.axhline(budget * mib, color="tab:red", linestyle="--", label=f"planner budget ({format_bytes(budget)})")
+    ax.axhline(big["master_grad_bytes"] * mib, color="tab:green", linestyle=":", label=f"FP32 master-gradient buffer ({format_bytes(big['master_grad_bytes'])})")
+    if plan_obj.peak_memory:
+        ax.axhline(plan_obj.peak_memory * mib, color="tab:gray", linestyle="-.", label=f"planned peak at b={plan_obj.max_micro_batch}")
+    ax.set_xlabel("micro-step")
+    ax.set_ylabel("memory (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("gaccum demo: memory per micro-step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=120)
+    plt.close(fig)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.target_bs < 1 or args.steps < 1:
+        raise ValueError("gaccum: --target-bs and --steps must be >= 1")
+    memory_limit = args.memory_limit or (CPU_MEMORY_LIMIT if device.type == "cpu" else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    tokens = load_corpus()
+    print(f"gaccum demo: TinyGPT on {len(tokens) / 1e3:.0f} KB of bundled text, device {device}, "
+          f"target effective batch {args.target_bs}")
+    model = TinyGPT(seq_len=SEQ_LEN).to(device)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e3:.0f}K parameters")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+    # 1. plan
+    plan_obj = make_plan(model, target_bs=args.target_bs, sample=Sampler(tokens, SEQ_LEN, device, seed=1),
+                         loss_fn=lm_loss, optimizer=opt, memory_limit=memory_limit, cache=False)
+    print()
+    print(plan_obj)
+    (out / "plan.json").write_text(json.dumps(plan_obj.to_dict(), indent=2))
+
+    # 2. verify on the first window
+    first_window = Sampler(tokens, SEQ_LEN, device, seed=2)(args.target_bs)
+    report = verify(model, lm_loss, first_window, plan_obj.micro_batch_size)
+    print(f"\nverify (first window): {report.verdict}\n")
+
+    # 3. accumulated training, 4. small-batch baseline with the same samples
+    measure = _peak_fn(device)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    big_logger = MetricsLogger(metrics_path, extra={"run": "accumulated"})
+    big = _train(model, opt, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), plan_obj.window, args.steps,
+                 {"plan": plan_obj, "master_grads": True}, big_logger, device, measure, "accumulated", args.no_progress)
+    big_logger.close()
+
+    model.load_state_dict(init_state)
+    # The baseline's LR: the sqrt rule (Adam) taken from the effective batch down to its own batch.
+    base_lr = plan_obj.scale_lr(args.lr, plan_obj.effective_batch_size, rule="sqrt") * (
+        plan_obj.micro_batch_size / plan_obj.effective_batch_size) ** 0.5
+    opt_small = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=0.01)
+    small_logger = MetricsLogger(metrics_path, extra={"run": "baseline"})
+    small_steps = -(-big["samples"] // plan_obj.micro_batch_size)
+    small = _train(model, opt_small, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), [plan_obj.micro_batch_size],
+                   small_steps, {"accum_steps": 1}, small_logger, device, measure, "baseline   ", args.no_progress)
+    small_logger.close()
+
+    # 5. report
+    _plots(out, big, small, plan_obj, plan_obj.budget)
+    summary = {
+        "device": str(device), "torch": torch.__version__, "plan": plan_obj.to_dict(), "verify": report.to_dict(),
+        "accumulated": {k: big[k] for k in ("seconds", "samples", "optimizer_steps", "skipped_steps", "master_grad_bytes")}
+        | {"final_loss": big["records"][-1]["loss"], "max_micro_peak": max(big["micro_peaks"])},
+        "baseline": {k: small[k] for k in ("seconds", "samples", "optimizer_steps")}
+        | {"final_loss": small["records"][-1]["loss"], "lr": base_lr},
+        "seconds_total": time.perf_counter() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\nsummary")
+    print(f"  accumulated: {big['optimizer_steps']} steps of {plan_obj.effective_batch_size} samples "
+          f"({plan_obj.accum_steps} x {plan_obj.micro_batch_size}), final loss {summary['accumulated']['final_loss']:.3f}, "
+          f"{big['samples'] / big['seconds']:.0f} samples/s, max peak {format_bytes(max(big['micro_peaks']))} "
+          f"(budget {format_bytes(plan_obj.budget)})")
+    print(f"  baseline:    {small['optimizer_steps']} steps of {plan_obj.micro_batch_size} samples, final loss "
+          f"{summary['baseline']['final_loss']:.3f}, {small['samples'] / small['seconds']:.0f} samples/s")
+    print(f"  verify:      {'PASS' if report.passed else 'FAIL'} (max rel diff {report.max_rel_diff:.1e})")
+    print(f"  report:      {out.resolve()}/ (plan.json, metrics.jsonl, loss.png, memory.png, summary.json)")
+    print(f"  total time:  {summary['seconds_total']:.1f} s")
+    return 0

@@ -1,0 +1,80 @@
+"""Per-optimizer-step metrics that users can keep: JSONL, and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .accumulate import StepResult
+
+
+class MetricsLogger:
+    """Attach with ``acc.add_callback(logger)``; feed ``logger.micro(loss, samples, tokens)`` per micro-step.
+
+    Each optimizer step writes one JSON line: step, loss (mean over the window's
+    micro-steps), samples/s, tokens/s, peak memory, master-gradient bytes,
+    skipped (overflow) steps and the loss scale.
+    """
+
+    def __init__(self, path: str | Path, *, tensorboard_dir: Optional[str | Path] = None,
+                 peak_memory: Optional[Callable[[], int]] = None, extra: Optional[dict[str, Any]] = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a")
+        self.peak_memory = peak_memory or _default_peak
+        self.extra = extra or {}
+        self.records: list[dict[str, Any]] = []
+        self._reset()
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                self.writer = None
+
+    def _reset(self) -> None:
+        self._losses: list[float] = []
+        self._samples = 0
+        self._tokens = 0
+        self._t0 = time.perf_counter()
+
+    def micro(self, loss: float | torch.Tensor, samples: int, tokens: int = 0) -> None:
+        self._losses.append(float(loss))
+        self._samples += int(samples)
+        self._tokens += int(tokens)
+
+    def __call__(self, result: StepResult, engine: Any) -> None:
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        rec = {
+            "step": engine.optimizer_steps, "micro_step": result.micro_step,
+            "loss": sum(self._losses) / max(len(self._losses), 1), "samples": self._samples,
+            "samples_per_s": self._samples / dt, "tokens_per_s": self._tokens / dt,
+            "peak_memory": self.peak_memory(),
+            "master_grad_bytes": engine.masters.nbytes if engine.masters is not None else 0,
+            "skipped_steps": engine.skipped_steps, "skipped": result.skipped, "loss_scale": result.loss_scale,
+            "grad_norm": result.grad_norm, **self.extra,
+        }
+        self.records.append(rec)
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        if self.writer is not None:
+            for k in ("loss", "samples_per_s", "tokens_per_s", "peak_memory", "skipped_steps"):
+                self.writer.add_scalar(f"gaccum/{k}", rec[k], rec["step"])
+        self._reset()
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _default_peak() -> int:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return 0
