@@ -134,7 +134,8 @@ def _line_estimate(points: list[tuple[int, int]], budget: int) -> Optional[int]:
     return int(math.floor(b2 + (budget - p2) / slope + 1e-9))
 
 
-def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Optional[int] = None) -> tuple[int, list[ProbeResult]]:
+def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Optional[int] = None,
+           start: int = 1) -> tuple[int, list[ProbeResult]]:
     """Largest b in [1, cap] with ``probe(b).fit``, assuming fit is monotone in b.
 
     ``probe`` is the only oracle; ``seed`` (e.g. a fake-tensor estimate) is tried
@@ -149,20 +150,30 @@ def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Opt
         order.append(r)
         return r
 
-    first = run(1)
+    first = run(start)
     if not first.fit:
         return 0, order
-    lo, hi = 1, cap + 1  # lo fits; hi does not (cap + 1 is a sentinel never probed)
+    lo, hi = start, cap + 1  # lo fits; hi does not (cap + 1 is a sentinel never probed)
     second = min(cap, max(2, seed)) if seed else cap
-    if cap > 1:
+    if cap > start:
         r = run(second)
         if r.fit:
             lo = second
         else:
             hi = second
+        if seed and second != cap:
+            # A seed is a claim that `second` is the answer: its neighbour confirms it.
+            nb = second + 1 if r.fit else second - 1
+            if 1 < nb < cap + 1 and nb not in results:
+                rn = run(nb)
+                if rn.fit:
+                    lo = max(lo, nb)
+                else:
+                    hi = min(hi, nb)
     last_points: Optional[tuple] = None
     flat = first.peak if first.peak is not None else -1
     lower_bound_went_flat = False
+    slow_streak = 0  # estimates that shrank the bracket by less than half, in a row
     while hi - lo > 1:
         if lo == cap:
             break
@@ -178,16 +189,21 @@ def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Opt
             # One point on the line and one on the flat part: their chord is shallower
             # than the line, so it gives a lower bound on the answer. Try it once.
             est = _line_estimate([(lo, results[lo].peak), above[0]], budget)
+        if est is not None and slow_streak >= 2 and hi <= cap:
+            est = (lo + hi) // 2  # real peaks bend near the knee: a bisection step guarantees progress
+            slow_streak = 0
         if est is None:
             b = max(lo + 1, min(hi - 1, int(math.isqrt(lo * hi)) if hi <= cap else min(cap, lo * 4)))
         else:
             b = max(lo + 1, min(hi - 1, est))
+        width = hi - lo
         r = run(b)
         lower_bound_went_flat = r.fit and r.peak is not None and r.peak <= flat and len(above) == 1
         if r.fit:
             lo = b
         else:
             hi = b
+        slow_streak = slow_streak + 1 if (est is not None and (hi - lo) > width / 2) else 0
     return lo, order
 
 
@@ -358,13 +374,28 @@ def plan(
     if estimate and allowance >= limit - head:
         allowance = int(ESTIMATE_ALLOWANCE_FRACTION * limit)
     budget = limit - head - allowance
+    if distributed and world > 1:
+        # Every rank searches with the smallest budget, so their decisions never diverge.
+        t = torch.tensor([float(budget)], dtype=torch.float64,
+                         device=model_device if (model_device.type == "cuda" and dist.get_backend() == "nccl") else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        budget = int(t.item())
     device_name = "meta (estimate)" if estimate else (
         torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu")
 
     snapshot = Snapshot(model, optimizer)
     try:
         # Validate sample/loss at b=1 before anything is measured; restores on error.
-        train_step(model, optimizer, sample, loss_fn, 1, amp, model_device)
+        model.train()  # probes train, so validate in train mode (BatchNorm cannot train on one sample)
+        start = 1
+        try:
+            train_step(model, optimizer, sample, loss_fn, 1, amp, model_device)
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            start = 2  # BatchNorm cannot train on one sample: the search starts at 2
+            snapshot.restore()
+            train_step(model, optimizer, sample, loss_fn, 2, amp, model_device)
         snapshot.restore()
         key = None
         if cache:
@@ -401,16 +432,17 @@ def plan(
             try:
                 fake_mode, fmodel, fopt = _fake_copies(model, optimizer)
                 seed, _ = search(lambda b: probe_tracked(fmodel, fopt, sample, loss_fn, b, amp, torch.device("cpu"),
-                                                         budget, snapshot, fake_mode=fake_mode), per_rank, budget)
+                                                         budget, snapshot, fake_mode=fake_mode), per_rank, budget,
+                               start=start)
                 seed = seed or None
             except Exception as exc:  # noqa: BLE001 - the estimate is an optimisation only
                 notes.append(f"fake-tensor seed unavailable ({type(exc).__name__})")
             snapshot.restore()
-        best, probes = search(agreed_probe, per_rank, budget, seed=seed)
+        best, probes = search(agreed_probe, per_rank, budget, seed=seed, start=start)
         if best == 0:
             peak1 = probes[0].peak
             raise PlanError(
-                f"gaccum: even a micro-batch of 1 does not fit: peak {format_bytes(peak1)} at b=1 against a budget of "
+                f"gaccum: even a micro-batch of {start} does not fit: peak {format_bytes(peak1)} at b={start} against a budget of "
                 f"{format_bytes(budget)} ({format_bytes(limit)} limit - {format_bytes(head)} headroom). "
                 "What would help: activation checkpointing (torch.utils.checkpoint), bf16 (amp='bf16' or "
                 "model.to(torch.bfloat16)), a lighter optimizer (SGD keeps less state than Adam), or a smaller model"
