@@ -59,8 +59,10 @@ class Snapshot:
             for t, saved in self.tensors:
                 t.copy_(saved)
         for p, g in self.grads:
-            p.grad = None if g is None else g.to(p.device)
-        self.optimizer.load_state_dict(self.opt_state)
+            # A copy: the next probe's backward accumulates into .grad in place.
+            p.grad = None if g is None else g.to(p.device, copy=True)
+        # load_state_dict may alias the tensors it is given; the next step mutates them.
+        self.optimizer.load_state_dict(copy.deepcopy(self.opt_state))
         if not self.opt_state["state"]:
             self.optimizer.state.clear()
 
