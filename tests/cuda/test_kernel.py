@@ -1,0 +1,175 @@
+"""The fused CUDA kernel vs the PyTorch fallback vs a float64 reference.
+
+Skipped without a GPU. Never run in this repository's CI (no GPU there): the
+GPU session runs it, and compute-sanitizer (memcheck, racecheck) on it.
+"""
+
+import pytest
+import torch
+
+import gaccum
+from gaccum import _ext, ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    mod = _ext.load()
+    if mod is None:
+        pytest.skip(f"compiled module unavailable: {_ext.reason()}")
+    return mod
+
+
+def run_both(grads, masters, inv_scale=0.25, **kw):
+    """(kernel masters, kernel found_inf, fallback masters, fallback found_inf, sq norms)."""
+    fb_m = [m.clone() for m in masters]
+    fb_g = [g.clone() for g in grads]
+    f_k, f_f = torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda")
+    sq_k = torch.zeros(1, device="cuda") if kw.pop("norm", False) else None
+    sq_f = None if sq_k is None else torch.zeros(1, device="cuda")
+    s = torch.tensor([inv_scale], device="cuda")
+    gaccum.unscale_check_accumulate_(grads, masters, f_k, s, sq_norm=sq_k, **kw)
+    ops._fallback(fb_g, fb_m, f_f, s, kw.get("overwrite", False), kw.get("zero_grads", False), sq_f)
+    torch.cuda.synchronize()
+    return masters, f_k, fb_m, f_f, sq_k, sq_f, fb_g
+
+
+SIZES = [0, 1, 555, 33333, 65535, 65536, 65537, 3 * 65536 + 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_kernel_matches_fallback_and_float64(ext, dtype, overwrite):
+    torch.manual_seed(0)
+    grads = [torch.randn(n, device="cuda").to(dtype) for n in SIZES]
+    masters = [torch.randn(n, device="cuda") for n in SIZES]
+    ref = [(0 if overwrite else m.double()) + g.double() * 0.25 for g, m in zip(grads, masters)]
+    km, kf, fm, ff, sk, sf, _ = run_both(grads, masters, overwrite=overwrite, norm=True)
+    for a, b, r in zip(km, fm, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.double(), r, rtol=1e-6, atol=1e-6)
+    assert float(kf) == float(ff) == 0.0
+    torch.testing.assert_close(sk, sf, rtol=1e-4, atol=1e-3)
+
+
+def test_mixed_dtypes_and_misaligned_views_in_one_call(ext):
+    base = torch.randn(70001, device="cuda")
+    grads = [base[1:], base.half()[3:40003], base.bfloat16()[5:], torch.randn(7, device="cuda")]
+    masters = [torch.zeros(g.numel(), device="cuda") for g in grads]
+    km, kf, fm, ff, *_ = run_both(grads, masters)
+    for a, b in zip(km, fm):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_anywhere_sets_found_inf(ext, where, bad, dtype):
+    grads = [torch.randn(n, device="cuda").to(dtype) for n in (100, 65537, 33)]
+    t = {"first": 0, "middle": 1, "last": 2}[where]
+    grads[t][{"first": 0, "middle": 40000, "last": -1}[where] % grads[t].numel()] = bad
+    masters = [torch.zeros(g.numel(), device="cuda") for g in grads]
+    _, kf, _, ff, *_ = run_both(grads, masters)
+    assert float(kf) == 1.0 == float(ff)
+
+
+def test_found_inf_never_cleared_and_zero_grads(ext):
+    g = [torch.randn(1000, device="cuda").half()]
+    m = [torch.zeros(1000, device="cuda")]
+    f = torch.ones(1, device="cuda")
+    gaccum.unscale_check_accumulate_(g, m, f, 1.0, zero_grads=True)
+    assert float(f) == 1.0 and float(g[0].abs().sum()) == 0.0
+
+
+def test_many_tensors_need_several_launches(ext):
+    grads = [torch.randn(int(n), device="cuda").bfloat16() for n in torch.randint(1, 4096, (10_000,))]
+    masters = [torch.zeros(g.numel(), device="cuda") for g in grads]
+    km, kf, fm, ff, *_ = run_both(grads, masters)
+    assert all(torch.equal(a, b) for a, b in zip(km, fm))
+
+
+def test_more_than_2_pow_31_elements(ext):
+    free, _ = torch.cuda.mem_get_info()
+    n = 2**31 + 4096
+    if free < n * 6 + (2 << 30):
+        pytest.skip("not enough GPU memory")
+    g = torch.ones(n, dtype=torch.float16, device="cuda")
+    m = torch.zeros(n, device="cuda")
+    g[-1] = 3.0
+    f = torch.zeros(1, device="cuda")
+    gaccum.unscale_check_accumulate_([g], [m], f, 0.5)
+    assert float(m[-1]) == 1.5 and float(m[2**31 + 1]) == 0.5 and float(f) == 0.0
+
+
+def test_non_default_stream_and_cuda_graph(ext):
+    g = [torch.randn(100000, device="cuda").bfloat16()]
+    m = [torch.zeros(100000, device="cuda")]
+    f, s = torch.zeros(1, device="cuda"), torch.ones(1, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gaccum.unscale_check_accumulate_(g, m, f, s)
+    stream.synchronize()
+    torch.testing.assert_close(m[0], g[0].float())
+    m[0].zero_()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gaccum.unscale_check_accumulate_(g, m, f, s)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    m[0].zero_()
+    with torch.cuda.graph(graph):
+        gaccum.unscale_check_accumulate_(g, m, f, s)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(m[0], 2 * g[0].float())
+
+
+def test_channels_last_pairs_go_to_the_fallback(ext):
+    g = torch.randn(2, 3, 4, 5, device="cuda").to(memory_format=torch.channels_last).half()
+    m = torch.zeros(2, 3, 4, 5, device="cuda")
+    f = torch.zeros(1, device="cuda")
+    gaccum.unscale_check_accumulate_([g], [m], f, 1.0)
+    torch.testing.assert_close(m, g.float())
+
+
+def test_gradscaler_round_trip_skips_on_inf(ext):
+    model = torch.nn.Linear(64, 64).cuda().half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    acc = gaccum.Accumulator(model, opt, accum_steps=2, scaler=scaler)
+    x = torch.randn(8, 64, device="cuda").half()
+    before = [p.clone() for p in model.parameters()]
+    for i in range(2):
+        with acc.accumulate():
+            loss = model(x).float().pow(2).mean() * (float("inf") if i == 1 else 1.0)
+            r = acc.backward(loss)
+    assert r.skipped and scaler.get_scale() == 2.0**15
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_accumulator_half_model_on_gpu_matches_float64(ext):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
+    ref = [p.detach().double().clone() for p in model.parameters()]
+    half = model.bfloat16()
+    xs = torch.randn(64, 8, 32, device="cuda")
+    captured = []
+    acc = gaccum.Accumulator(half, torch.optim.SGD(half.parameters(), lr=0.0), accum_steps=64)
+    acc.engine.pre_step_hooks.append(lambda e: captured.extend(w.grad.clone() for w in e.master_weights.weights))
+    for x in xs:
+        with acc.accumulate():
+            acc.backward(half(x.bfloat16()).float().pow(2).mean())
+    assert captured and all(torch.isfinite(c).all() for c in captured)
+    assert ops.backend_for("cuda") == "cuda-kernel"
+
+
+def test_planner_real_oom_on_gpu():
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096)).cuda()
+    sample = lambda b: torch.randn(b, 4096, device="cuda")  # noqa: E731
+    loss = lambda m, x: m(x).float().pow(2).mean()  # noqa: E731
+    p = gaccum.plan(model, target_bs=1 << 20, sample=sample, loss_fn=loss, amp="bf16", cache=False)
+    assert 1 <= p.max_micro_batch < 1 << 20
+    assert any(r.batch == p.max_micro_batch and r.fit for r in p.probes)
