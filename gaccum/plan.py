@@ -189,7 +189,7 @@ def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Opt
             # One point on the line and one on the flat part: their chord is shallower
             # than the line, so it gives a lower bound on the answer. Try it once.
             est = _line_estimate([(lo, results[lo].peak), above[0]], budget)
-        if est is not None and slow_streak >= 2 and hi <= cap:
+        if est is not None and slow_streak >= 2 and hi <= cap and est > lo + 1:  # never skip a confirmation
             est = (lo + hi) // 2  # real peaks bend near the knee: a bisection step guarantees progress
             slow_streak = 0
         if est is None:
