@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._dist import all_reduce_scalars, world_size
 from .master import HALF, MasterGrads, MasterWeights
 
 
@@ -59,10 +60,6 @@ def check_accum_steps(accum_steps: Any, name: str = "accum_steps") -> int:
     if accum_steps < 1:
         raise ValueError(f"gaccum: {name} must be >= 1, got {accum_steps}")
     return accum_steps
-
-
-def _ddp_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _Engine:
@@ -160,19 +157,15 @@ class _Engine:
             self.ref_total = self._agree_ref(self.expected_total(n))
         return n / self.ref_total
 
+    def _world(self) -> int:
+        return world_size() if self.distributed else 1
+
     def _agree_ref(self, r: float) -> float:
         """R must be the same on every rank for the post-reduce correction to hold."""
-        if self.distributed and _ddp_world() > 1:
-            t = torch.tensor([r], dtype=torch.float64, device=self._comm_device())
-            dist.all_reduce(t)
-            return float(t) / _ddp_world()
+        world = self._world()
+        if world > 1:
+            return all_reduce_scalars([r], self.params[0].device)[0] / world
         return r
-
-    def _comm_device(self) -> torch.device:
-        dev = self.params[0].device
-        if dist.is_initialized() and dist.get_backend() == "nccl":
-            return dev
-        return torch.device("cpu") if dev.type != "cuda" else dev
 
     def begin_micro(self, weight: float) -> None:
         if self.masters is not None:
@@ -186,17 +179,15 @@ class _Engine:
 
     # -- the boundary ----------------------------------------------------------
     def _global_total(self, partial: bool) -> float:
-        world = _ddp_world() if self.distributed else 1
+        world = self._world()
         if world > 1 and (self.items_mode or partial):
-            t = torch.tensor([self.items], dtype=torch.float64, device=self._comm_device())
-            dist.all_reduce(t)
-            return float(t)
+            return all_reduce_scalars([self.items], self.params[0].device)[0]
         return self.items * world
 
     def step(self, partial: bool = False) -> StepResult:
         """End the window: sync, correct, unscale/check, clip, step, zero."""
         assert self.ref_total is not None
-        world = _ddp_world() if self.distributed else 1
+        world = self._world()
         total = self._global_total(partial)
         correction = world * self.ref_total / total
         if self.masters is not None:
@@ -224,7 +215,7 @@ class _Engine:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
-        flat.div_(_ddp_world())
+        flat.div_(world_size())
         off = 0
         for g in grads:
             g.copy_(flat[off : off + g.numel()].view_as(g))

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._dist import all_reduce_scalars, world_size
 from .lr import scale_lr as _scale_lr
 from .memory import format_bytes, parse_bytes
 from .probe import AMP_DTYPES, ProbeResult, Snapshot, probe_cuda, probe_tracked, train_step
@@ -217,19 +218,10 @@ def balanced_window(per_rank_target: int, max_micro: int, uneven: bool = False) 
 
 
 # --------------------------------------------------------------------------- plan()
-def _world() -> tuple[int, bool]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), True
-    return 1, False
-
-
 def _agree(result: ProbeResult, device: torch.device) -> ProbeResult:
     """Under torch.distributed an OOM on any rank is an OOM for all, so ranks never diverge."""
-    comm_dev = device if (device.type == "cuda" and dist.get_backend() == "nccl") else torch.device("cpu")
-    t = torch.tensor([0.0 if result.fit else 1.0, float(result.peak if result.peak is not None else -1)],
-                     dtype=torch.float64, device=comm_dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    bad, peak = float(t[0]), float(t[1])
+    bad, peak = all_reduce_scalars([0.0 if result.fit else 1.0, result.peak if result.peak is not None else -1],
+                                   device, op=dist.ReduceOp.MAX)
     return ProbeResult(result.batch, None if peak < 0 or result.peak is None else int(peak), bad == 0.0,
                        result.seconds, result.oom or bad > 0)
 
@@ -349,7 +341,7 @@ def plan(
     own_optimizer = optimizer is None
     if optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    world, distributed = _world()
+    world = world_size()
     if target_bs % world:
         raise ValueError(f"gaccum: target_bs={target_bs} is global and must be divisible by the world size {world}")
     per_rank = target_bs // world
@@ -374,12 +366,9 @@ def plan(
     if estimate and allowance >= limit - head:
         allowance = int(ESTIMATE_ALLOWANCE_FRACTION * limit)
     budget = limit - head - allowance
-    if distributed and world > 1:
+    if world > 1:
         # Every rank searches with the smallest budget, so their decisions never diverge.
-        t = torch.tensor([float(budget)], dtype=torch.float64,
-                         device=model_device if (model_device.type == "cuda" and dist.get_backend() == "nccl") else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        budget = int(t.item())
+        budget = int(all_reduce_scalars([budget], model_device, op=dist.ReduceOp.MIN)[0])
     device_name = "meta (estimate)" if estimate else (
         torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu")
 
@@ -423,7 +412,7 @@ def plan(
 
         def agreed_probe(b: int) -> ProbeResult:
             r = raw_probe(b)
-            return _agree(r, model_device) if distributed and world > 1 else r
+            return _agree(r, model_device) if world > 1 else r
 
         seed = None
         notes: list[str] = []
