@@ -123,34 +123,14 @@ class _Engine:
         self.skipped_steps = 0
         self.micro_steps = 0
         self.skipped_micro_batches = 0
-        self.last_result = StepResult()
         self.callbacks: list[Callable[[StepResult, "_Engine"], None]] = []
         # Called with the engine once the window's gradient is final (reduced,
         # corrected, unscaled) and before the optimizer steps: verify() reads it.
         self.pre_step_hooks: list[Callable[["_Engine"], None]] = []
 
     # -- helpers -------------------------------------------------------------
-    def window_len(self) -> int:
-        return self.accum_steps
-
     def expected_total(self, n0: float) -> float:
         return self.window_total if self.window_total is not None else n0 * self.accum_steps
-
-    def set_accum_steps(self, steps: int) -> None:
-        """Change N between windows (accumulation schedules)."""
-        steps = check_accum_steps(steps)
-        if self.micro:
-            raise RuntimeError("gaccum: accum_steps can only change at a window boundary")
-        if steps != self.accum_steps:
-            self.accum_steps = steps
-            self.window_total = None
-            self.ref_total = None  # R = n0 x N is re-agreed at the next window's first micro-step
-
-    def _grads(self) -> list[torch.Tensor]:
-        if self.masters is not None:
-            assert self.master_weights is not None
-            return [w.grad for w in self.master_weights.weights if w.grad is not None]
-        return [p.grad for p in self.params if p.grad is not None]
 
     def weight_for(self, n: float) -> float:
         if self.ref_total is None:
@@ -264,7 +244,6 @@ class _Engine:
             stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm, loss_scale=scale,
             micro_step=self.micro_steps, optimizer_step=self.optimizer_steps,
         )
-        self.last_result = result
         for cb in self.callbacks:
             cb(result, self)
         return result
@@ -457,7 +436,7 @@ class Accumulator:
         if self._in_micro:
             raise RuntimeError("gaccum: accumulate() blocks cannot be nested")
         eng = self.engine
-        is_last = eng.micro + 1 >= eng.window_len() or bool(last)
+        is_last = eng.micro + 1 >= eng.accum_steps or bool(last)
         sync = is_last and eng.masters is None
         ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
         self._in_micro, self._backward_done, self._synced_this_micro = True, False, sync
@@ -521,8 +500,8 @@ class Accumulator:
         scaled.backward()
         self._backward_done = True
         eng.end_micro(n, self._synced_this_micro)
-        if eng.micro >= eng.window_len() or self._last_flag:
-            return eng.step(partial=eng.micro < eng.window_len())
+        if eng.micro >= eng.accum_steps or self._last_flag:
+            return eng.step(partial=eng.micro < eng.accum_steps)
         return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
 
     def flush(self, drop: Optional[bool] = None) -> Optional[StepResult]:

@@ -11,7 +11,7 @@ the end of the backward pass. At most one bucket of half gradients is alive.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,8 +48,6 @@ class MasterGrads:
         self._pending: list[int] = []
         self._pending_bytes = 0
         self._callback_queued = False
-        self.enabled = True
-        self.on_flush: Callable[[], None] | None = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
     # -- hooks ------------------------------------------------------------
@@ -63,7 +61,7 @@ class MasterGrads:
             self._inv_scale_value = value
 
     def _hook(self, p: torch.Tensor) -> None:
-        if not self.enabled or p.grad is None:
+        if p.grad is None:
             return
         self._pending.append(self.index[p])
         self._pending_bytes += p.grad.numel() * p.grad.element_size()
@@ -76,8 +74,6 @@ class MasterGrads:
     def _end_of_backward(self) -> None:
         self._callback_queued = False
         self.flush_pending()
-        if self.on_flush is not None:
-            self.on_flush()
 
     def flush_pending(self) -> None:
         """Move the pending half gradients into the masters and free them."""
@@ -107,9 +103,6 @@ class MasterGrads:
     def reset(self) -> None:
         self.written = [False] * len(self.params)
         self.found_inf.zero_()
-
-    def any_written(self) -> bool:
-        return any(self.written)
 
     def remove(self) -> None:
         for h in self._handles:
