@@ -157,20 +157,26 @@ def probe_cuda(model, optimizer, sample, loss_fn, b, amp, device, budget, snapsh
     return ProbeResult(b, peak, (not oom) and peak is not None and peak <= budget, seconds, oom)
 
 
-def probe_tracked(model, optimizer, sample, loss_fn, b, amp, device, budget, snapshot: Snapshot,
-                  fake_mode: Any = None) -> ProbeResult:
-    """CPU (or fake-tensor) probe: MemTracker accounts every tensor of the step."""
+def tracked_peak(fn: Callable[[], Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                 mode: Any = None) -> tuple[Any, int]:
+    """Run ``fn`` under torch's MemTracker: (its result, peak bytes of every tensor, model and optimizer included)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
-    t0 = time.perf_counter()
-    mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
-    with mode, tracker:
-        train_step(model, optimizer, sample, loss_fn, b, amp, device)
-    seconds = time.perf_counter() - t0
+    with mode if mode is not None else contextlib.nullcontext(), tracker:
+        out = fn()
     snap = tracker.get_tracker_snapshot("peak")
-    peak = int(sum(v.get("Total", 0) for v in snap.values()))
+    return out, int(sum(v.get("Total", 0) for v in snap.values()))
+
+
+def probe_tracked(model, optimizer, sample, loss_fn, b, amp, device, budget, snapshot: Snapshot,
+                  fake_mode: Any = None) -> ProbeResult:
+    """CPU (or fake-tensor) probe: MemTracker accounts every tensor of the step."""
+    t0 = time.perf_counter()
+    _, peak = tracked_peak(lambda: train_step(model, optimizer, sample, loss_fn, b, amp, device), model, optimizer,
+                           fake_mode)
+    seconds = time.perf_counter() - t0
     if fake_mode is None:
         snapshot.restore_weights()
     return ProbeResult(b, peak, peak <= budget, seconds, False)

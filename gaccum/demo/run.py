@@ -17,6 +17,7 @@ from ..accumulate import Accumulator
 from ..memory import format_bytes
 from ..metrics import MetricsLogger
 from ..plan import plan as make_plan
+from ..probe import tracked_peak
 from ..verify import verify
 from .model import Sampler, TinyGPT, lm_loss, load_corpus
 
@@ -35,26 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
 
 
-def _peak_fn(device: torch.device) -> Callable[[Callable[[], Any]], tuple[Any, int]]:
+def _measure(device: torch.device, fn: Callable[[], Any], model: torch.nn.Module,
+             opt: torch.optim.Optimizer) -> tuple[Any, int]:
     """Run fn and return (its result, its peak memory in bytes)."""
     if device.type == "cuda":
-        def run(fn):
-            torch.cuda.reset_peak_memory_stats(device)
-            out = fn()
-            return out, int(torch.cuda.max_memory_allocated(device))
-        return run
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    def run_cpu(fn, _model=None, _opt=None):
-        tracker = MemTracker()
-        if run_cpu.model is not None:
-            tracker.track_external(run_cpu.model, run_cpu.opt)
-        with tracker:
-            out = fn()
-        snap = tracker.get_tracker_snapshot("peak")
-        return out, int(sum(v.get("Total", 0) for v in snap.values()))
-    run_cpu.model = run_cpu.opt = None  # type: ignore[attr-defined]
-    return run_cpu
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        return out, int(torch.cuda.max_memory_allocated(device))
+    return tracked_peak(fn, model, opt)
 
 
 def _bar(total: int, desc: str, disable: bool):
@@ -64,10 +53,9 @@ def _bar(total: int, desc: str, disable: bool):
 
 
 def _train(model, opt, sampler, micro_sizes: list[int], steps: int, accumulator_kw: dict, logger: MetricsLogger,
-           device, measure, desc: str, quiet: bool) -> dict[str, Any]:
+           device: torch.device, desc: str, quiet: bool) -> dict[str, Any]:
     acc = Accumulator(model, opt, **accumulator_kw)
     acc.add_callback(logger)
-    measure.model, measure.opt = model, opt
     micro_peaks: list[int] = []
     bar = _bar(steps, desc, quiet)
     t0 = time.perf_counter()
@@ -84,7 +72,7 @@ def _train(model, opt, sampler, micro_sizes: list[int], steps: int, accumulator_
                 res = acc.backward(loss)
             return loss.detach(), res
 
-        (loss, res), peak = measure(micro_step)
+        (loss, res), peak = _measure(device, micro_step, model, opt)
         micro_peaks.append(peak)
         samples += b
         i += 1
@@ -173,12 +161,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nverify (first window): {report.verdict}\n")
 
     # 3. accumulated training, 4. small-batch baseline with the same samples
-    measure = _peak_fn(device)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     big_logger = MetricsLogger(metrics_path, extra={"run": "accumulated"})
     big = _train(model, opt, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), plan_obj.window, args.steps,
-                 {"plan": plan_obj, "master_grads": True}, big_logger, device, measure, "accumulated", args.no_progress)
+                 {"plan": plan_obj, "master_grads": True}, big_logger, device, "accumulated", args.no_progress)
     big_logger.close()
 
     model.load_state_dict(init_state)
@@ -189,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
     small_logger = MetricsLogger(metrics_path, extra={"run": "baseline"})
     small_steps = -(-big["samples"] // plan_obj.micro_batch_size)
     small = _train(model, opt_small, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), [plan_obj.micro_batch_size],
-                   small_steps, {"accum_steps": 1}, small_logger, device, measure, "baseline   ", args.no_progress)
+                   small_steps, {"accum_steps": 1}, small_logger, device, "baseline   ", args.no_progress)
     small_logger.close()
 
     # 5. report
