@@ -290,6 +290,19 @@ def _fake_copies(model: nn.Module, optimizer: torch.optim.Optimizer):
     return mode, fmodel, fopt
 
 
+def _samples_per_second(model, optimizer, sample, loss_fn, b, amp, device, snapshot: Snapshot, reps: int = 2) -> float:
+    """Training throughput at batch b; the restore between steps is not timed."""
+    elapsed = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, sample, loss_fn, b, amp, device, check=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - t0
+        snapshot.restore_weights()
+    return b * reps / elapsed if elapsed > 0 else 0.0
+
+
 def plan(
     model: nn.Module,
     target_bs: int,
@@ -396,7 +409,6 @@ def plan(
                 p.cached, p.probes, p.seconds = True, [], time.perf_counter() - t_start
                 return p
         model.train()
-        fake = None
         if estimate:
             fake_mode, fmodel, fopt = _fake_copies(model, optimizer)
 
@@ -438,21 +450,14 @@ def plan(
             )
         chosen = best
         throughput: dict[int, float] = {}
-        if objective == "throughput":
+        if objective == "throughput" and estimate:
+            notes.append("objective='throughput' needs real steps; a fake-tensor estimate plans for memory")
+        elif objective == "throughput":
             for r in probes:
                 if r.fit and r.batch not in throughput:
-                    t0 = time.perf_counter()
-                    reps = 2
-                    for _ in range(reps):
-                        if estimate:
-                            break
-                        train_step(model, optimizer, sample, loss_fn, r.batch, amp, model_device, check=False)
-                        snapshot.restore_weights()
-                    if model_device.type == "cuda":
-                        torch.cuda.synchronize(model_device)
-                    dt = (time.perf_counter() - t0) / reps
-                    throughput[r.batch] = r.batch / dt if dt > 0 else 0.0
-            chosen = max(throughput, key=lambda b: (throughput[b], b)) if throughput else best
+                    throughput[r.batch] = _samples_per_second(model, optimizer, sample, loss_fn, r.batch, amp,
+                                                              model_device, snapshot)
+            chosen = max(throughput, key=lambda b: (throughput[b], b))
         window = balanced_window(per_rank, chosen, uneven=uneven)
         peak = max((r.peak for r in probes if r.batch == chosen and r.peak is not None), default=None)
         result = Plan(

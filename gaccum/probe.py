@@ -42,7 +42,9 @@ class Snapshot:
         self.model, self.optimizer = model, optimizer
         self.tensors = [(t, t.detach().to("cpu", copy=True)) for t in list(model.parameters()) + list(model.buffers())]
         self.grads = [(p, None if p.grad is None else p.grad.detach().to("cpu", copy=True)) for p in model.parameters()]
-        self.opt_state = _to_cpu(copy.deepcopy(optimizer.state_dict()))
+        # _to_cpu copies every tensor and container: no device-side deepcopy first (that
+        # would briefly double the optimizer state in GPU memory right before measuring).
+        self.opt_state = _to_cpu(optimizer.state_dict())
         self.training = model.training
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -84,8 +86,8 @@ def _to_cpu(obj: Any) -> Any:
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
     return obj
 
 
