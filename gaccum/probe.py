@@ -104,6 +104,16 @@ def train_step(
     device: torch.device,
     check: bool = True,
 ) -> None:
+    """One training step as a window's middle micro-step sees it.
+
+    Under accumulation every micro-step after the first runs its forward with
+    the window's gradients already allocated, so they are allocated here before
+    the forward too (zeros, or the gradients the model already has); without
+    that the peak above the knee would be short by the size of the gradients.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     batch = sample(b)
     if check:
         got = batch_size(batch)
@@ -152,8 +162,6 @@ def probe_cuda(model, optimizer, sample, loss_fn, b, amp, device, budget, snapsh
     seconds = time.perf_counter() - t0
     peak = None if oom else max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
     snapshot.restore_weights()
-    for p in model.parameters():
-        p.grad = None
     gc.collect()
     torch.cuda.empty_cache()
     return ProbeResult(b, peak, (not oom) and peak is not None and peak <= budget, seconds, oom)

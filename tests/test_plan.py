@@ -188,6 +188,34 @@ def test_plan_on_cpu_equals_exhaustive_scan(factory, limit):
     assert p.effective_batch_size == cap and sum(p.window) == cap and max(p.window) <= truth
 
 
+def test_probe_peak_is_the_peak_of_an_accumulation_window():
+    """Micro-steps after the first run their forward with the window's gradients
+    allocated; a probe must measure that, not the lighter first micro-step."""
+    from gaccum.probe import tracked_peak
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 10))
+    opt = torch.optim.AdamW(model.parameters())
+    sample = lambda b: (torch.randn(b, 512), torch.randint(0, 10, (b,)))  # noqa: E731
+    loss = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])  # noqa: E731
+    b = 4096  # activations dominate: above the knee
+    probe = probe_tracked(model, opt, sample, loss, b, None, torch.device("cpu"), 1 << 40, Snapshot(model, opt))
+    acc = gaccum.Accumulator(model, opt, accum_steps=3)
+    peaks = []
+
+    def micro_step():
+        batch = sample(b)
+        with acc.accumulate():
+            acc.backward(loss(model, batch))
+
+    for _ in range(3):
+        peaks.append(tracked_peak(micro_step, model, opt)[1])
+    grads = sum(p.numel() * 4 for p in model.parameters())
+    assert peaks[1] >= peaks[0] + grads  # the later micro-steps really are heavier
+    # equal up to the Accumulator's own scalars (a few bytes); the old probe was short by the gradients (~10%)
+    assert abs(probe.peak - max(peaks)) <= 1e-3 * max(peaks)
+
+
 def _state(model, opt):
     return ([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())],
             [None if p.grad is None else p.grad.clone() for p in model.parameters()],
