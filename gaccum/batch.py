@@ -9,7 +9,7 @@ import torch
 
 def batch_size(batch: Any) -> int:
     """Samples in ``batch``: dim 0 of its tensors, which must agree."""
-    sizes = {t.shape[0] for t in _tensors(batch) if t.dim() > 0}
+    sizes = {t.shape[0] for t in batch_tensors(batch) if t.dim() > 0}
     if not sizes:
         raise ValueError("gaccum: the batch holds no tensor with a batch dimension")
     if len(sizes) > 1:
@@ -17,13 +17,13 @@ def batch_size(batch: Any) -> int:
     return sizes.pop()
 
 
-def _tensors(batch: Any) -> list[torch.Tensor]:
+def batch_tensors(batch: Any) -> list[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         return [batch]
     if isinstance(batch, dict):
-        return [t for v in batch.values() for t in _tensors(v)]
+        return [t for v in batch.values() for t in batch_tensors(v)]
     if isinstance(batch, (list, tuple)):
-        return [t for v in batch for t in _tensors(v)]
+        return [t for v in batch for t in batch_tensors(v)]
     return []
 
 
@@ -46,4 +46,4 @@ def split_batch(batch: Any, micro_batch_size: int) -> list[Any]:
 
 
 def batch_devices(batch: Any) -> set[torch.device]:
-    return {t.device for t in _tensors(batch)}
+    return {t.device for t in batch_tensors(batch)}

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._dist import all_reduce_scalars, world_size
+from .batch import batch_tensors
 from .lr import scale_lr as _scale_lr
 from .memory import format_bytes, parse_bytes
 from .probe import AMP_DTYPES, ProbeResult, Snapshot, probe_cuda, probe_tracked, train_step
@@ -73,23 +74,13 @@ class Plan:
         return _scale_lr(base_lr, base_bs, self.effective_batch_size, rule)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "micro_batch_size": self.micro_batch_size, "accum_steps": self.accum_steps,
-            "effective_batch_size": self.effective_batch_size, "window": list(self.window),
-            "target_bs": self.target_bs, "world_size": self.world_size, "peak_memory": self.peak_memory,
-            "memory_limit": self.memory_limit, "headroom": self.headroom, "allowance": self.allowance,
-            "budget": self.budget, "device": self.device, "amp": self.amp, "max_micro_batch": self.max_micro_batch,
-            "estimate": self.estimate, "seconds": round(self.seconds, 4), "objective": self.objective,
-            "throughput": {str(k): v for k, v in self.throughput.items()}, "cached": self.cached,
-            "probes": [p.to_dict() for p in self.probes], "notes": list(self.notes),
-        }
+        return {**asdict(self), "budget": self.budget, "seconds": round(self.seconds, 4),
+                "throughput": {str(k): v for k, v in self.throughput.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        keys = ("micro_batch_size", "accum_steps", "effective_batch_size", "window", "target_bs", "world_size",
-                "peak_memory", "memory_limit", "headroom", "device", "amp", "max_micro_batch", "estimate",
-                "allowance", "seconds", "objective", "notes")
-        plan = cls(**{k: d[k] for k in keys if k in d})
+        rebuilt = {"probes", "throughput", "cached"}  # probes and int keys are rebuilt; a loaded plan says if cached
+        plan = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in rebuilt})
         plan.probes = [ProbeResult(**p) for p in d.get("probes", [])]
         plan.throughput = {int(k): v for k, v in d.get("throughput", {}).items()}
         return plan
@@ -239,11 +230,7 @@ def _cache_path() -> Path:
     return cache_dir() / "plans.json"
 
 
-def _cache_key(model, optimizer, sample, target_bs, amp, device_name, limit, headroom, world, uneven, objective) -> str:
-    example = sample(1)
-    from .batch import _tensors
-
-    shapes = [(tuple(t.shape), str(t.dtype)) for t in _tensors(example)]
+def _cache_key(model, optimizer, shapes, target_bs, amp, device_name, limit, headroom, world, uneven, objective) -> str:
     params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
     blob = json.dumps([repr(model), params, shapes, type(optimizer).__name__,
                        {k: repr(v) for k, v in optimizer.defaults.items()}, target_bs, amp, device_name, limit,
@@ -391,18 +378,19 @@ def plan(
         model.train()  # probes train, so validate in train mode (BatchNorm cannot train on one sample)
         start = 1
         try:
-            train_step(model, optimizer, sample, loss_fn, 1, amp, model_device)
+            example = train_step(model, optimizer, sample, loss_fn, 1, amp, model_device)
         except ValueError as exc:
             if "more than 1 value per channel" not in str(exc):
                 raise
             start = 2  # BatchNorm cannot train on one sample: the search starts at 2
             snapshot.restore()
-            train_step(model, optimizer, sample, loss_fn, 2, amp, model_device)
+            example = train_step(model, optimizer, sample, loss_fn, 2, amp, model_device)
+        shapes = [(tuple(t.shape), str(t.dtype)) for t in batch_tensors(example)]
+        del example
         snapshot.restore()
         key = None
         if cache:
-            key = _cache_key(model, optimizer, sample, target_bs, amp, device_name, limit, head, world, uneven, objective)
-            snapshot.restore()
+            key = _cache_key(model, optimizer, shapes, target_bs, amp, device_name, limit, head, world, uneven, objective)
             hit = None if refresh else _cache_load(key)
             if hit is not None:
                 p = Plan.from_dict(hit)

@@ -103,13 +103,14 @@ def train_step(
     amp: Optional[str],
     device: torch.device,
     check: bool = True,
-) -> None:
+) -> Any:
     """One training step as a window's middle micro-step sees it.
 
     Under accumulation every micro-step after the first runs its forward with
     the window's gradients already allocated, so they are allocated here before
     the forward too (zeros, or the gradients the model already has); without
     that the peak above the knee would be short by the size of the gradients.
+    Returns the batch, so a caller can describe it without sampling again.
     """
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
@@ -138,6 +139,7 @@ def train_step(
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return batch
 
 
 def _is_oom(exc: BaseException) -> bool:
