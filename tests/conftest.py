@@ -1,6 +1,5 @@
 import os
 
-import pytest
 import torch
 from torch import nn
 
@@ -28,13 +27,3 @@ def max_rel_diff(a_params, b_params):
 
 def max_abs_diff(a_params, b_params):
     return max(float((a.detach().double() - b.detach().double()).abs().max()) for a, b in zip(a_params, b_params))
-
-
-@pytest.fixture
-def make_mlp():
-    return mlp
-
-
-@pytest.fixture
-def data():
-    return regression_data

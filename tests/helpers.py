@@ -1,4 +1,6 @@
-"""Reference training loops the tests compare gaccum against."""
+"""Reference training loops the tests compare gaccum against, and a port for gloo ranks."""
+
+import socket
 
 import torch
 from torch import nn
@@ -20,3 +22,10 @@ def large_batch_train(model, opt, batches, loss_fn=F.mse_loss, scheduler=None, m
 
 def chunks(x, y, size):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def free_port():
+    """A free loopback port for a test's own torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaccum
+from helpers import free_port
 from gaccum.plan import balanced_window, search
 from gaccum.probe import ProbeResult, Snapshot, probe_tracked
 
@@ -340,12 +340,6 @@ def test_objective_throughput_picks_among_probed_fitting_sizes():
 
 
 # ---------------------------------------------------------------- two ranks, different budgets
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _plan_worker(rank, port, limits, out, cache_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GACCUM_CACHE_DIR=cache_dir)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -362,7 +356,7 @@ def _plan_worker(rank, port, limits, out, cache_dir):
 def test_two_ranks_with_different_budgets_agree_on_the_minimum(tmp_path):
     limits = [3 << 20, 2 << 20]
     out = mp.Manager().dict()
-    mp.start_processes(_plan_worker, args=(_free_port(), limits, out, str(tmp_path)), nprocs=2, start_method="spawn",
+    mp.start_processes(_plan_worker, args=(free_port(), limits, out, str(tmp_path)), nprocs=2, start_method="spawn",
                        join=True)
     assert out[0] == out[1]  # never diverged: same probes, same answer
     micro, steps, eff, mx, world, _ = out[0]

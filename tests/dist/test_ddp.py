@@ -1,7 +1,6 @@
 """DDP with real processes: 2 ranks on gloo, spawned by the test."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,14 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaccum
+from helpers import free_port
 
 WORLD = 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dtype(mode):
@@ -98,7 +92,7 @@ def _reference(mode):
 @pytest.mark.parametrize("mode", ["plain", "items", "masters"])
 def test_ddp_two_ranks_equal_single_process_on_global_batch(mode):
     out = mp.Manager().dict()
-    mp.start_processes(_worker, args=(_free_port(), mode, out), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(free_port(), mode, out), nprocs=WORLD, start_method="spawn", join=True)
     ref = _reference(mode)
     for rank in range(WORLD):
         assert out[rank]["steps"] == 2
