@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..accumulate import Accumulator
+from ..lr import scale_lr
 from ..memory import format_bytes
 from ..metrics import MetricsLogger
 from ..plan import plan as make_plan
@@ -170,8 +171,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     model.load_state_dict(init_state)
     # The baseline's LR: the sqrt rule (Adam) taken from the effective batch down to its own batch.
-    base_lr = plan_obj.scale_lr(args.lr, plan_obj.effective_batch_size, rule="sqrt") * (
-        plan_obj.micro_batch_size / plan_obj.effective_batch_size) ** 0.5
+    base_lr = scale_lr(args.lr, plan_obj.effective_batch_size, plan_obj.micro_batch_size, rule="sqrt")
     opt_small = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=0.01)
     small_logger = MetricsLogger(metrics_path, extra={"run": "baseline"})
     small_steps = -(-big["samples"] // plan_obj.micro_batch_size)
