@@ -10,12 +10,14 @@ from .memory import format_bytes, parse_bytes
 from .ops import unscale_check_accumulate_
 from .plan import Plan, PlanError, plan
 from .probe import ProbeResult
+from .schedule import AccumulationSchedule
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Accumulator",
+    "AccumulationSchedule",
     "AccumulationHook",
     "Plan",
     "PlanError",

@@ -26,7 +26,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ._dist import all_reduce_scalars, world_size
+from .autosplit import MemoryBudget, TouchTracker, check_memory_limit, halves, is_oom
+from .batch import batch_size, batch_tensors, split_batch
 from .master import HALF, MasterGrads, MasterWeights
+from .schedule import AccumulationSchedule, as_schedule, rescale_lr
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,59 @@ def check_accum_steps(accum_steps: Any, name: str = "accum_steps") -> int:
     return accum_steps
 
 
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"gaccum: loss must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"gaccum: loss must be a scalar (mean-reduced), got shape {tuple(loss.shape)}; reduce it with .mean()"
+        )
+
+
+def _check_items(num_items: Any) -> float:
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError("gaccum: num_items must be a number or a one-element tensor")
+        num_items = num_items.item()
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+        raise TypeError(f"gaccum: num_items must be a positive number, got {type(num_items).__name__}")
+    n = float(num_items)
+    if not n > 0 or math.isinf(n):
+        raise ValueError(f"gaccum: num_items must be > 0, got {num_items}; skip micro-batches with no items")
+    return n
+
+
+def _loss_and_items(out: Any) -> tuple[torch.Tensor, Optional[float]]:
+    """What a micro_batch() loss_fn returns: a loss, or (loss, num_items)."""
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(f"gaccum: loss_fn returns a loss or (loss, num_items), got a sequence of {len(out)}")
+        loss, items = out
+        _check_loss(loss)
+        return loss, _check_items(items)
+    _check_loss(out)
+    return out, None
+
+
+@dataclass
+class _Run:
+    """One micro_batch() call: what its pieces have added to the window so far."""
+
+    size: int
+    n_full: float
+    loss_fn: Callable[[nn.Module, Any], Any]
+    items: float = 0.0
+    items_mode: bool = False
+    pieces: int = 0
+    attempt_items: float = 0.0  # the count of the piece being tried
+    attempt_items_mode: bool = False
+
+    def add(self, n: float, items_mode: bool) -> None:
+        self.items += n
+        self.items_mode |= items_mode
+        self.pieces += 1
+
+
 class _Engine:
     """Window bookkeeping and the boundary step, shared by Accumulator and hook()."""
 
@@ -69,7 +125,7 @@ class _Engine:
         self,
         params: Sequence[nn.Parameter],
         optimizer: torch.optim.Optimizer,
-        accum_steps: int,
+        accum_steps: int | dict[int, int] | AccumulationSchedule,
         *,
         scaler: Optional[torch.amp.GradScaler] = None,
         scheduler: Any = None,
@@ -80,7 +136,11 @@ class _Engine:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"gaccum: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.accum_steps = check_accum_steps(accum_steps)
+        self.schedule = as_schedule(accum_steps)
+        self.accum_steps = self.schedule.at(0) if self.schedule is not None else check_accum_steps(accum_steps)
+        self.epoch = 0
+        # (optimizer step, accum_steps) each time the schedule changed the window.
+        self.accum_history: list[tuple[int, int]] = [(0, self.accum_steps)]
         if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0):
             raise ValueError(f"gaccum: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if nonfinite not in ("raise", "skip"):
@@ -100,6 +160,7 @@ class _Engine:
         self.optimizer = optimizer
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
         self.scheduler = scheduler
+        self.lr_scheduler = scheduler  # whose base_lrs a schedule's LR rule rescales (the hook steps its own)
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
         self.distributed = distributed
@@ -115,8 +176,9 @@ class _Engine:
         self.micro = 0  # micro-steps done in the current window
         self.items = 0.0  # T_local: items seen in the current window
         self.items_mode = False  # num_items given in this window
-        self.ref_total: Optional[float] = None  # R, fixed once
-        self.window_total: Optional[float] = None  # R from a plan's uneven window
+        self.ref_total: Optional[float] = None  # R, fixed while accum_steps stays
+        self.fixed_ref = False  # the hook sums raw gradients: R = 1 for good
+        self.window: Optional[list[int]] = None  # a plan's (possibly uneven) micro-batch sizes
         self.last_synced = False  # the last backward let DDP reduce
         # counters
         self.optimizer_steps = 0
@@ -129,12 +191,20 @@ class _Engine:
         self.pre_step_hooks: list[Callable[["_Engine"], None]] = []
 
     # -- helpers -------------------------------------------------------------
-    def expected_total(self, n0: float) -> float:
-        return self.window_total if self.window_total is not None else n0 * self.accum_steps
+    def plan_window(self) -> Optional[list[int]]:
+        """The plan's window, while the schedule keeps the plan's number of micro-steps."""
+        if self.window is not None and len(self.window) == self.accum_steps:
+            return self.window
+        return None
 
-    def weight_for(self, n: float) -> float:
+    def expected_total(self, n0: float) -> float:
+        window = self.plan_window()
+        return float(sum(window)) if window is not None else n0 * self.accum_steps
+
+    def weight_for(self, n: float, n0: Optional[float] = None) -> float:
+        """n / R; ``n0`` is a whole micro-batch's count when ``n`` is a piece of one."""
         if self.ref_total is None:
-            self.ref_total = self._agree_ref(self.expected_total(n))
+            self.ref_total = self._agree_ref(self.expected_total(n if n0 is None else n0))
         return n / self.ref_total
 
     def _world(self) -> int:
@@ -149,6 +219,7 @@ class _Engine:
 
     def begin_micro(self, weight: float) -> None:
         if self.masters is not None:
+            self.masters.recover()
             self.masters.set_inv_scale(weight)
 
     def end_micro(self, n: float, synced: bool) -> None:
@@ -261,11 +332,34 @@ class _Engine:
         self.micro = 0
         self.items = 0.0
         self.items_mode = False
+        self.apply_schedule()
+
+    # -- accumulation schedules -------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if not _is_int(epoch) or epoch < 0:
+            raise ValueError(f"gaccum: epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+        if self.micro == 0:
+            self.apply_schedule()  # else at the end of the current window
+
+    def apply_schedule(self) -> None:
+        """Between windows only: switch accum_steps and rescale the LR by the rule."""
+        if self.schedule is None or self.micro != 0:
+            return
+        key = self.optimizer_steps if self.schedule.by == "step" else self.epoch
+        new = self.schedule.at(key)
+        if new == self.accum_steps:
+            return
+        rescale_lr(self.optimizer, self.lr_scheduler, self.schedule.lr_factor(self.accum_steps, new))
+        self.accum_steps = new
+        self.accum_history.append((self.optimizer_steps, new))
+        if not self.fixed_ref:
+            self.ref_total = None  # R = n0 x N changes with N
 
     # -- checkpoints --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "accum_steps": self.accum_steps, "micro": self.micro, "items": self.items,
+            "accum_steps": self.accum_steps, "epoch": self.epoch, "micro": self.micro, "items": self.items,
             "items_mode": self.items_mode, "ref_total": self.ref_total, "last_synced": self.last_synced,
             "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
             "micro_steps": self.micro_steps, "skipped_micro_batches": self.skipped_micro_batches,
@@ -305,6 +399,7 @@ class _Engine:
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
         for k in keys:
             setattr(self, k, state[k])
+        self.epoch = int(state.get("epoch", 0))
 
 
 def batch_norm_layers(model: nn.Module) -> list[str]:
@@ -321,18 +416,28 @@ class Accumulator:
     ...         acc.backward(loss_fn(model(x), y))
     >>> acc.flush()
 
-    ``plan=`` takes a :class:`gaccum.Plan` (accum_steps and window from it).
-    ``master_grads='auto'`` keeps FP32 master gradients/weights for fp16/bf16
-    parameters. ``drop_last=True`` makes :meth:`flush` discard a partial last
-    window. ``nonfinite='skip'`` skips a micro-batch whose loss is inf/NaN
-    instead of raising (only without a GradScaler; with one, the scaler skips).
+    or, letting gaccum run the forward (and split a micro-batch that runs out of memory):
+
+    >>> for batch in micro_batches:
+    ...     acc.micro_batch(batch, lambda model, b: loss_fn(model(b[0]), b[1]))
+
+    ``accum_steps`` is an int, or a schedule ``{0: 4, 1000: 8}`` / an
+    :class:`AccumulationSchedule` (by optimizer step or epoch, LR rescaled as
+    the effective batch changes). ``plan=`` takes a :class:`gaccum.Plan`
+    (accum_steps and window from it). ``master_grads='auto'`` keeps FP32 master
+    gradients/weights for fp16/bf16 parameters. ``drop_last=True`` makes
+    :meth:`flush` discard a partial last window. ``nonfinite='skip'`` skips a
+    micro-batch whose loss is inf/NaN instead of raising (only without a
+    GradScaler; with one, the scaler skips). ``on_oom="split"`` (the default)
+    lets :meth:`micro_batch` survive out-of-memory; ``memory_limit`` is a CPU
+    budget that raises it like a GPU would (the planner's ``plan.budget``).
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        accum_steps: Optional[int] = None,
+        accum_steps: Optional[int | dict[int, int] | AccumulationSchedule] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
         scheduler: Any = None,
         max_grad_norm: Optional[float] = None,
@@ -343,16 +448,22 @@ class Accumulator:
         nonfinite: str = "raise",
         warn_batchnorm: bool = True,
         callbacks: Sequence[Callable[[StepResult, Any], None]] = (),
+        on_oom: str = "split",
+        memory_limit: Optional[int | str] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gaccum: model must be a torch.nn.Module, got {type(model).__name__}")
+        if on_oom not in ("split", "raise"):
+            raise ValueError(f"gaccum: on_oom must be 'split' or 'raise', got {on_oom!r}")
         window: Optional[list[int]] = None
         if plan is not None:
-            if accum_steps is not None and accum_steps != plan.accum_steps:
-                raise ValueError(
-                    f"gaccum: accum_steps={accum_steps} disagrees with the plan's {plan.accum_steps}; pass one of them"
-                )
-            accum_steps = plan.accum_steps
+            if as_schedule(accum_steps) is None:  # a schedule overrides the plan's steps; an int must agree
+                if accum_steps is not None and accum_steps != plan.accum_steps:
+                    raise ValueError(
+                        f"gaccum: accum_steps={accum_steps} disagrees with the plan's {plan.accum_steps}; "
+                        "pass one of them"
+                    )
+                accum_steps = plan.accum_steps
             window = list(plan.window)
         if accum_steps is None:
             raise TypeError("gaccum: Accumulator needs accum_steps=N or plan=gaccum.plan(...)")
@@ -363,10 +474,15 @@ class Accumulator:
             list(inner.parameters()), optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
             max_grad_norm=max_grad_norm, master_grads=master_grads, nonfinite=nonfinite, distributed=self.ddp,
         )
-        self.window = window
-        if window is not None:
-            self.engine.window_total = float(sum(window))
+        self.engine.window = window
         self.drop_last = drop_last
+        self.on_oom = on_oom
+        self.memory_limit = check_memory_limit(memory_limit, self.engine.params[0].device)
+        # What micro_batch() learned from out-of-memory errors: the largest piece that runs.
+        self.micro_batch_limit: Optional[int] = None
+        self.oom_splits = 0
+        self.peak_memory: Optional[int] = None  # the last micro_batch()'s peak under memory_limit
+        self._touch: Optional[TouchTracker] = None
         self.engine.callbacks.extend(callbacks)
         self._in_micro = False
         self._backward_done = False
@@ -420,9 +536,18 @@ class Accumulator:
         self.engine.callbacks.append(fn)
 
     # -- the loop --------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.engine.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """For a schedule by epoch: call at the start of each epoch (takes effect between windows)."""
+        self.engine.set_epoch(epoch)
+
     def _default_items(self) -> float:
-        if self.window is not None and len(self.window) == self.engine.accum_steps:
-            return float(self.window[self.engine.micro % len(self.window)])
+        window = self.engine.plan_window()
+        if window is not None:
+            return float(window[self.engine.micro % len(window)])
         return 1.0
 
 
@@ -458,38 +583,36 @@ class Accumulator:
             raise RuntimeError("gaccum: call acc.backward(loss) inside `with acc.accumulate():`")
         if self._backward_done:
             raise RuntimeError("gaccum: backward() was already called in this accumulate() block; one per micro-batch")
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"gaccum: loss must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"gaccum: loss must be a scalar (mean-reduced), got shape {tuple(loss.shape)}; reduce it with .mean()"
-            )
+        _check_loss(loss)
         if not loss.requires_grad:
             raise ValueError("gaccum: loss does not require grad (computed under no_grad, or detached?)")
         eng = self.engine
-        if num_items is None:
-            n = self._default_items()
-        else:
-            if isinstance(num_items, torch.Tensor):
-                if num_items.numel() != 1:
-                    raise ValueError("gaccum: num_items must be a number or a one-element tensor")
-                num_items = num_items.item()
-            if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
-                raise TypeError(f"gaccum: num_items must be a positive number, got {type(num_items).__name__}")
-            n = float(num_items)
-            if not n > 0 or math.isinf(n):
-                raise ValueError(f"gaccum: num_items must be > 0, got {num_items}; skip micro-batches with no items")
-            eng.items_mode = True
-        if eng.scaler is None and not bool(torch.isfinite(loss.detach()).all()):
-            if eng.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"gaccum: the loss is {float(loss)} (non-finite) and no GradScaler is set; nothing was accumulated. "
-                    "Pass nonfinite='skip' to skip such micro-batches"
-                )
-            eng.skipped_micro_batches += 1
+        n = self._default_items() if num_items is None else _check_items(num_items)
+        if self._skip_nonfinite(loss):
             self._backward_done = True
             return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
-        w = eng.weight_for(n)
+        if num_items is not None:
+            eng.items_mode = True
+        self._weighted_backward(loss, n)
+        self._backward_done = True
+        return self._end_micro(n, self._synced_this_micro, self._last_flag)
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """True when a non-finite loss is to be skipped; raises under nonfinite='raise'."""
+        eng = self.engine
+        if eng.scaler is not None or bool(torch.isfinite(loss.detach()).all()):
+            return False
+        if eng.nonfinite == "raise":
+            raise FloatingPointError(
+                f"gaccum: the loss is {float(loss)} (non-finite) and no GradScaler is set; nothing was accumulated. "
+                "Pass nonfinite='skip' to skip such micro-batches"
+            )
+        eng.skipped_micro_batches += 1
+        return True
+
+    def _weighted_backward(self, loss: torch.Tensor, n: float, n0: Optional[float] = None) -> None:
+        eng = self.engine
+        w = eng.weight_for(n, n0)
         if eng.masters is not None:
             eng.begin_micro(w)
             scaled = loss
@@ -498,11 +621,119 @@ class Accumulator:
         if eng.scaler is not None:
             scaled = eng.scaler.scale(scaled)
         scaled.backward()
-        self._backward_done = True
-        eng.end_micro(n, self._synced_this_micro)
-        if eng.micro >= eng.accum_steps or self._last_flag:
+
+    def _end_micro(self, n: float, synced: bool, last: bool) -> StepResult:
+        eng = self.engine
+        eng.end_micro(n, synced)
+        if eng.micro >= eng.accum_steps or last:
             return eng.step(partial=eng.micro < eng.accum_steps)
         return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+
+    # -- gaccum runs the forward: out-of-memory splitting --------------------------
+    def micro_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Any], *, last: bool = False) -> StepResult:
+        """One micro-batch: forward, backward, and the optimizer step when the window is full.
+
+        ``loss_fn(model, batch)`` returns the batch's mean loss, or ``(loss,
+        num_items)`` for a loss normalised by token count. Because gaccum runs
+        the forward here, an out-of-memory error does not end training: the
+        micro-batch is split in two and each half accumulated with its share of
+        the weight, so the window's effective batch and gradient stay the same,
+        and later micro-batches run in pieces of the size that fitted
+        (``micro_batch_limit``; ``oom_splits`` counts the splits).
+        """
+        if self._in_micro:
+            raise RuntimeError("gaccum: micro_batch() inside an accumulate() block; use one or the other")
+        if not callable(loss_fn):
+            raise TypeError(f"gaccum: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        eng = self.engine
+        size = batch_size(batch)
+        is_last = eng.micro + 1 >= eng.accum_steps or bool(last)
+        sync = is_last and eng.masters is None
+        if self._touch is None and self.on_oom == "split" and not self.ddp:
+            self._touch = TouchTracker(eng.params, eng.masters)
+        run = _Run(size=size, n_full=self._default_items(), loss_fn=loss_fn)
+        limit = self.micro_batch_limit
+        pieces = [batch] if limit is None or size <= limit else split_batch(batch, limit)
+        self.peak_memory = None
+        self._in_micro = True
+        try:
+            for i, piece in enumerate(pieces):
+                self._piece(piece, run, sync and i == len(pieces) - 1, frozenset())
+        finally:
+            self._in_micro = False
+        if run.pieces == 0:  # every piece had a non-finite loss and was skipped
+            return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+        if run.items_mode:
+            eng.items_mode = True
+        return self._end_micro(run.items, sync, bool(last))
+
+    def _piece(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
+        k = batch_size(piece)
+        try:
+            self._attempt(piece, run, sync, done_params)
+            return
+        except Exception as exc:  # noqa: BLE001 - only an OOM is handled; the rest re-raised as is
+            if not is_oom(exc) or self.on_oom != "split":
+                raise
+            if self.ddp:
+                raise torch.OutOfMemoryError(
+                    f"{exc}\ngaccum: splitting a micro-batch on out-of-memory is not supported under DDP (the "
+                    "ranks' reducers would disagree); plan with gaccum.plan, which agrees on the smallest budget"
+                ) from exc
+            if k == 1:
+                raise torch.OutOfMemoryError(
+                    f"{exc}\ngaccum: out of memory on a micro-batch of 1 sample; nothing smaller to split into. "
+                    "Free memory, or use activation checkpointing or a smaller model"
+                ) from exc
+        # Out of the except block: the failed attempt's frame and its activations are freed.
+        eng = self.engine
+        if eng.masters is not None:
+            eng.masters.recover()
+        if eng.params[0].device.type == "cuda":
+            torch.cuda.empty_cache()
+        assert self._touch is not None
+        reached = set(self._touch.touched)  # these already hold this piece's whole, weighted contribution
+        new = halves(k)
+        if self.micro_batch_limit is None or new < self.micro_batch_limit:
+            self.micro_batch_limit = new
+            warnings.warn(
+                f"gaccum: out of memory on a micro-batch of {k}; split into {new} + {k - new} and carried on. "
+                f"The window's effective batch is unchanged; micro-batches now run in pieces of at most {new}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self.oom_splits += 1
+        if reached and all(p in reached or p in done_params for p in eng.params if p.requires_grad):
+            run.add(run.attempt_items, run.attempt_items_mode)  # the backward had finished every parameter
+            return
+        parts = split_batch(piece, new)
+        for j, part in enumerate(parts):
+            self._piece(part, run, sync and j == len(parts) - 1, done_params | reached)
+
+    def _attempt(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
+        eng = self.engine
+        k = batch_size(piece)
+        ddp_ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
+        watch = self._touch.attempt(done_params) if self._touch is not None else contextlib.nullcontext()
+        budget: Any = contextlib.nullcontext()
+        if self.memory_limit is not None:
+            extra = batch_tensors(piece) + [p.grad for p in done_params if p.grad is not None]
+            if eng.masters is not None:
+                assert eng.master_weights is not None
+                extra += [eng.masters.flat, *eng.master_weights.weights]
+            budget = MemoryBudget(self.memory_limit, self.model, eng.optimizer, extra)
+        with budget, watch, ddp_ctx:
+            loss, items = _loss_and_items(run.loss_fn(self.model, piece))
+            n = items if items is not None else run.n_full * k / run.size
+            run.attempt_items, run.attempt_items_mode = n, items is not None
+            if self._skip_nonfinite(loss):
+                return
+            if not loss.requires_grad:
+                raise ValueError("gaccum: the loss from loss_fn does not require grad (computed under no_grad?)")
+            self._weighted_backward(loss, n, n * run.size / k)
+        if self.memory_limit is not None:
+            self.peak_memory = max(self.peak_memory or 0, budget.peak)
+        run.add(n, items is not None)
 
     def flush(self, drop: Optional[bool] = None) -> Optional[StepResult]:
         """End a partial last window: step it weighted by its real size, or drop it.
@@ -531,6 +762,9 @@ class Accumulator:
 
     def close(self) -> None:
         """Remove hooks and give the optimizer its original parameters back."""
+        if self._touch is not None:
+            self._touch.remove()
+            self._touch = None
         if self.engine.masters is not None:
             self.engine.masters.remove()
         if self.engine.master_weights is not None:

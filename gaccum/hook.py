@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .accumulate import StepResult, _Engine
+from .schedule import AccumulationSchedule
 
 
 class AccumulationHook:
@@ -24,7 +25,7 @@ class AccumulationHook:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        accum_steps: int,
+        accum_steps: int | dict[int, int] | AccumulationSchedule,
         *,
         scaler: Optional[torch.amp.GradScaler] = None,
         scheduler: Any = None,
@@ -38,6 +39,8 @@ class AccumulationHook:
                               master_grads=master_grads)
         # Raw gradients are summed; the boundary correction W*R/T with R = 1 is 1/k.
         self.engine.ref_total = 1.0
+        self.engine.fixed_ref = True
+        self.engine.lr_scheduler = scheduler
         self.optimizer = optimizer
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
         self.scheduler = scheduler
@@ -76,6 +79,14 @@ class AccumulationHook:
     @property
     def skipped_steps(self) -> int:
         return self.engine.skipped_steps
+
+    @property
+    def accum_steps(self) -> int:
+        return self.engine.accum_steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """For a schedule by epoch: call at the start of each epoch (takes effect between windows)."""
+        self.engine.set_epoch(epoch)
 
     def _micro_end(self) -> StepResult:
         eng = self.engine
@@ -154,13 +165,16 @@ class AccumulationHook:
 
 def hook(
     optimizer: torch.optim.Optimizer,
-    accum_steps: int,
+    accum_steps: int | dict[int, int] | AccumulationSchedule,
     *,
     scaler: Optional[torch.amp.GradScaler] = None,
     scheduler: Any = None,
     max_grad_norm: Optional[float] = None,
     master_grads: bool | str = "auto",
 ) -> AccumulationHook:
-    """Make an unchanged per-micro-batch loop accumulate ``accum_steps`` micro-batches per step."""
+    """Make an unchanged per-micro-batch loop accumulate ``accum_steps`` micro-batches per step.
+
+    ``accum_steps`` may be a schedule, ``{0: 4, 1000: 8}``, as for :class:`Accumulator`.
+    """
     return AccumulationHook(optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
                             max_grad_norm=max_grad_norm, master_grads=master_grads)

@@ -48,6 +48,7 @@ class MasterGrads:
         self._pending: list[int] = []
         self._pending_bytes = 0
         self._callback_queued = False
+        self.skip: frozenset = frozenset()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
     # -- hooks ------------------------------------------------------------
@@ -63,6 +64,9 @@ class MasterGrads:
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
+        if p in self.skip:  # already in from an attempt that ran out of memory (autosplit.py)
+            p.grad = None
+            return
         self._pending.append(self.index[p])
         self._pending_bytes += p.grad.numel() * p.grad.element_size()
         if not self._callback_queued:
@@ -74,6 +78,17 @@ class MasterGrads:
     def _end_of_backward(self) -> None:
         self._callback_queued = False
         self.flush_pending()
+
+    def recover(self) -> None:
+        """Settle a backward that raised: autograd never runs the queued callback then.
+
+        Its pending gradients are that backward's own contributions (already
+        weighted by the current inv_scale), so they are flushed now, before the
+        next micro-step changes inv_scale; and the callback flag is cleared, or
+        no later backward would ever queue one.
+        """
+        self.flush_pending()
+        self._callback_queued = False
 
     def flush_pending(self) -> None:
         """Move the pending half gradients into the masters and free them."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .autosplit import is_oom
 from .batch import batch_devices, batch_size
 
 
@@ -142,12 +143,6 @@ def train_step(
     return batch
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def probe_cuda(model, optimizer, sample, loss_fn, b, amp, device, budget, snapshot: Snapshot) -> ProbeResult:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -158,7 +153,7 @@ def probe_cuda(model, optimizer, sample, loss_fn, b, amp, device, budget, snapsh
         train_step(model, optimizer, sample, loss_fn, b, amp, device)
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - OOM is an answer, anything else is re-raised
-        if not _is_oom(exc):
+        if not is_oom(exc):
             raise
         oom = True
     seconds = time.perf_counter() - t0
