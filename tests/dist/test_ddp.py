@@ -58,6 +58,9 @@ def _worker(rank, port, mode, out):
                 # rank r takes its own contiguous share of the global window
                 lo = rank * N * mb + i * mb
                 xb, yb = xs[lo : lo + mb], ys[lo : lo + mb]
+                if mode == "micro_batch":  # gaccum runs the forward: DDP's no_sync on all but the last
+                    acc.micro_batch((xb, yb), lambda m, b: F.mse_loss(m(b[0]), b[1]))
+                    continue
                 with acc.accumulate():
                     if mode == "items":
                         # variable items per rank: rank 1 sees only half its samples
@@ -66,8 +69,17 @@ def _worker(rank, port, mode, out):
                     else:
                         acc.backward(F.mse_loss(model(xb), yb))
             syncs.append(len(calls))
+        oom_error = None
+        if mode == "micro_batch":
+            def oom(m, b):
+                raise torch.OutOfMemoryError("simulated OOM")
+
+            try:
+                acc.micro_batch((x[:4], y[:4]), oom)
+            except torch.OutOfMemoryError as exc:
+                oom_error = str(exc)
         out[rank] = {"params": [p.detach().clone() for p in model.module.parameters()], "syncs": syncs,
-                     "steps": acc.optimizer_steps}
+                     "steps": acc.optimizer_steps, "oom_error": oom_error}
     finally:
         dist.destroy_process_group()
 
@@ -89,7 +101,7 @@ def _reference(mode):
     return list(model.parameters())
 
 
-@pytest.mark.parametrize("mode", ["plain", "items", "masters"])
+@pytest.mark.parametrize("mode", ["plain", "items", "masters", "micro_batch"])
 def test_ddp_two_ranks_equal_single_process_on_global_batch(mode):
     out = mp.Manager().dict()
     mp.start_processes(_worker, args=(free_port(), mode, out), nprocs=WORLD, start_method="spawn", join=True)
@@ -99,6 +111,9 @@ def test_ddp_two_ranks_equal_single_process_on_global_batch(mode):
         for p, r in zip(out[rank]["params"], ref):
             tol = 1e-5 * float(r.detach().abs().max()) if mode == "masters" else 1e-10
             assert float((p - r.detach()).abs().max()) < tol, (mode, rank)
+    if mode == "micro_batch":
+        # no split under DDP (the ranks' reducers would disagree): a clear error instead
+        assert "not supported under DDP" in out[0]["oom_error"]
     if mode == "masters":
         # gaccum reduces its flat FP32 buffer itself: DDP's reducer never runs
         assert out[0]["syncs"] == [0, 0]
