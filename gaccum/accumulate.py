@@ -46,6 +46,7 @@ class StepResult:
     boundary: bool = False
     grad_norm: Optional[float] = None
     loss_scale: Optional[float] = None
+    loss: Optional[float] = None  # at a boundary: the window's mean loss over its items (this rank's)
     micro_step: int = 0
     optimizer_step: int = 0
 
@@ -176,6 +177,7 @@ class _Engine:
         self.micro = 0  # micro-steps done in the current window
         self.items = 0.0  # T_local: items seen in the current window
         self.items_mode = False  # num_items given in this window
+        self.loss_sum: Optional[torch.Tensor] = None  # sum of n_i x loss_i, on the device (no sync per micro-step)
         self.ref_total: Optional[float] = None  # R, fixed while accum_steps stays
         self.fixed_ref = False  # the hook sums raw gradients: R = 1 for good
         self.window: Optional[list[int]] = None  # a plan's (possibly uneven) micro-batch sizes
@@ -185,6 +187,9 @@ class _Engine:
         self.skipped_steps = 0
         self.micro_steps = 0
         self.skipped_micro_batches = 0
+        # What Accumulator.micro_batch() learned from out-of-memory errors: the largest piece that runs.
+        self.micro_batch_limit: Optional[int] = None
+        self.oom_splits = 0
         self.callbacks: list[Callable[[StepResult, "_Engine"], None]] = []
         # Called with the engine once the window's gradient is final (reduced,
         # corrected, unscaled) and before the optimizer steps: verify() reads it.
@@ -221,6 +226,10 @@ class _Engine:
         if self.masters is not None:
             self.masters.recover()
             self.masters.set_inv_scale(weight)
+
+    def add_loss(self, loss: torch.Tensor, n: float) -> None:
+        v = loss.detach().float() * n
+        self.loss_sum = v if self.loss_sum is None else self.loss_sum + v
 
     def end_micro(self, n: float, synced: bool) -> None:
         self.micro += 1
@@ -273,6 +282,7 @@ class _Engine:
             off += g.numel()
 
     def _optimizer_step(self) -> StepResult:
+        window_loss = float(self.loss_sum) / self.items if self.loss_sum is not None and self.items > 0 else None
         grad_norm = None
         skipped = False
         scale = None
@@ -313,7 +323,7 @@ class _Engine:
         self.discard()
         result = StepResult(
             stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm, loss_scale=scale,
-            micro_step=self.micro_steps, optimizer_step=self.optimizer_steps,
+            micro_step=self.micro_steps, optimizer_step=self.optimizer_steps, loss=window_loss,
         )
         for cb in self.callbacks:
             cb(result, self)
@@ -332,6 +342,7 @@ class _Engine:
         self.micro = 0
         self.items = 0.0
         self.items_mode = False
+        self.loss_sum = None
         self.apply_schedule()
 
     # -- accumulation schedules -------------------------------------------------
@@ -363,6 +374,7 @@ class _Engine:
             "items_mode": self.items_mode, "ref_total": self.ref_total, "last_synced": self.last_synced,
             "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
             "micro_steps": self.micro_steps, "skipped_micro_batches": self.skipped_micro_batches,
+            "micro_batch_limit": self.micro_batch_limit, "oom_splits": self.oom_splits,
         }
         if self.masters is not None:
             self.masters.flush_pending()
@@ -400,6 +412,8 @@ class _Engine:
         for k in keys:
             setattr(self, k, state[k])
         self.epoch = int(state.get("epoch", 0))
+        self.micro_batch_limit = state.get("micro_batch_limit")
+        self.oom_splits = int(state.get("oom_splits", 0))
 
 
 def batch_norm_layers(model: nn.Module) -> list[str]:
@@ -478,9 +492,6 @@ class Accumulator:
         self.drop_last = drop_last
         self.on_oom = on_oom
         self.memory_limit = check_memory_limit(memory_limit, self.engine.params[0].device)
-        # What micro_batch() learned from out-of-memory errors: the largest piece that runs.
-        self.micro_batch_limit: Optional[int] = None
-        self.oom_splits = 0
         self.peak_memory: Optional[int] = None  # the last micro_batch()'s peak under memory_limit
         self._touch: Optional[TouchTracker] = None
         self.engine.callbacks.extend(callbacks)
@@ -519,6 +530,15 @@ class Accumulator:
     @property
     def micro_steps(self) -> int:
         return self.engine.micro_steps
+
+    @property
+    def micro_batch_limit(self) -> Optional[int]:
+        """The largest micro-batch that ran after an out-of-memory split (None: never split)."""
+        return self.engine.micro_batch_limit
+
+    @property
+    def oom_splits(self) -> int:
+        return self.engine.oom_splits
 
     @property
     def micro_in_window(self) -> int:
@@ -594,6 +614,7 @@ class Accumulator:
         if num_items is not None:
             eng.items_mode = True
         self._weighted_backward(loss, n)
+        eng.add_loss(loss, n)
         self._backward_done = True
         return self._end_micro(n, self._synced_this_micro, self._last_flag)
 
@@ -652,7 +673,7 @@ class Accumulator:
         if self._touch is None and self.on_oom == "split" and not self.ddp:
             self._touch = TouchTracker(eng.params, eng.masters)
         run = _Run(size=size, n_full=self._default_items(), loss_fn=loss_fn)
-        limit = self.micro_batch_limit
+        limit = eng.micro_batch_limit
         pieces = [batch] if limit is None or size <= limit else split_batch(batch, limit)
         self.peak_memory = None
         self._in_micro = True
@@ -694,15 +715,15 @@ class Accumulator:
         assert self._touch is not None
         reached = set(self._touch.touched)  # these already hold this piece's whole, weighted contribution
         new = halves(k)
-        if self.micro_batch_limit is None or new < self.micro_batch_limit:
-            self.micro_batch_limit = new
+        if eng.micro_batch_limit is None or new < eng.micro_batch_limit:
+            eng.micro_batch_limit = new
             warnings.warn(
                 f"gaccum: out of memory on a micro-batch of {k}; split into {new} + {k - new} and carried on. "
                 f"The window's effective batch is unchanged; micro-batches now run in pieces of at most {new}",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        self.oom_splits += 1
+        eng.oom_splits += 1
         if reached and all(p in reached or p in done_params for p in eng.params if p.requires_grad):
             run.add(run.attempt_items, run.attempt_items_mode)  # the backward had finished every parameter
             return
@@ -731,6 +752,7 @@ class Accumulator:
             if not loss.requires_grad:
                 raise ValueError("gaccum: the loss from loss_fn does not require grad (computed under no_grad?)")
             self._weighted_backward(loss, n, n * run.size / k)
+            eng.add_loss(loss, n)
         if self.memory_limit is not None:
             self.peak_memory = max(self.peak_memory or 0, budget.peak)
         run.add(n, items is not None)

@@ -15,9 +15,11 @@ from .accumulate import StepResult
 class MetricsLogger:
     """Attach with ``acc.add_callback(logger)``; feed ``logger.micro(loss, samples, tokens)`` per micro-step.
 
-    Each optimizer step writes one JSON line: step, loss (mean over the window's
-    micro-steps), samples/s, tokens/s, peak memory, master-gradient bytes,
-    skipped (overflow) steps and the loss scale.
+    Each optimizer step writes one JSON line: step, loss (the Accumulator's
+    item-weighted window mean; else the mean of the losses given to ``micro``,
+    which may be None), samples/s, tokens/s, peak memory, master-gradient bytes,
+    skipped (overflow) steps, the loss scale, the accumulation steps in force
+    (a schedule changes them) and what out-of-memory splits have learned.
     """
 
     def __init__(self, path: str | Path, *, tensorboard_dir: Optional[str | Path] = None,
@@ -44,8 +46,9 @@ class MetricsLogger:
         self._tokens = 0
         self._t0 = time.perf_counter()
 
-    def micro(self, loss: float | torch.Tensor, samples: int, tokens: int = 0) -> None:
-        self._losses.append(float(loss))
+    def micro(self, loss: Optional[float | torch.Tensor], samples: int, tokens: int = 0) -> None:
+        if loss is not None:
+            self._losses.append(float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
         self._samples += int(samples)
         self._tokens += int(tokens)
 
@@ -53,19 +56,23 @@ class MetricsLogger:
         dt = max(time.perf_counter() - self._t0, 1e-9)
         rec = {
             "step": engine.optimizer_steps, "micro_step": result.micro_step,
-            "loss": sum(self._losses) / max(len(self._losses), 1), "samples": self._samples,
+            "loss": result.loss if result.loss is not None else (
+                sum(self._losses) / len(self._losses) if self._losses else None),
+            "samples": self._samples,
             "samples_per_s": self._samples / dt, "tokens_per_s": self._tokens / dt,
             "peak_memory": self.peak_memory(),
             "master_grad_bytes": engine.masters.nbytes if engine.masters is not None else 0,
             "skipped_steps": engine.skipped_steps, "skipped": result.skipped, "loss_scale": result.loss_scale,
-            "grad_norm": result.grad_norm, **self.extra,
+            "grad_norm": result.grad_norm, "accum_steps": engine.accum_steps,
+            "micro_batch_limit": engine.micro_batch_limit, "oom_splits": engine.oom_splits, **self.extra,
         }
         self.records.append(rec)
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
         if self.writer is not None:
-            for k in ("loss", "samples_per_s", "tokens_per_s", "peak_memory", "skipped_steps"):
-                self.writer.add_scalar(f"gaccum/{k}", rec[k], rec["step"])
+            for k in ("loss", "samples_per_s", "tokens_per_s", "peak_memory", "skipped_steps", "accum_steps"):
+                if rec[k] is not None:
+                    self.writer.add_scalar(f"gaccum/{k}", rec[k], rec["step"])
         self._reset()
 
     def close(self) -> None:

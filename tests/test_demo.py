@@ -22,6 +22,11 @@ def test_demo_runs_and_writes_the_report(tmp_path):
     assert len(acc) == 3 and all(x["samples"] == 64 and x["master_grad_bytes"] > 0 for x in acc)
     assert {"loss", "samples_per_s", "tokens_per_s", "peak_memory", "skipped_steps", "loss_scale"} <= set(acc[0])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"accum_steps", "micro_batch_limit", "oom_splits"} <= set(acc[0]) and acc[0]["oom_splits"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # the one-large-batch reference (CPU: the budget is simulated, so it can run) follows the accumulated run
+    assert summary["one_large_batch"]["max_loss_gap_to_accumulated"] < 1e-4
+    assert abs(acc[-1]["loss"] - summary["one_large_batch"]["final_loss"]) < 1e-4
 
 
 def test_metrics_logger_writes_one_line_per_optimizer_step(tmp_path):
