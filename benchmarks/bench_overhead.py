@@ -65,6 +65,17 @@ def with_gaccum(batches, N):
     return per_step(stamps)
 
 
+def with_gaccum_micro_batch(batches, N):
+    """gaccum runs the forward (OOM splitting armed: a post-accumulate hook per parameter)."""
+    m, opt = fresh()
+    acc = gaccum.Accumulator(m, opt, accum_steps=N)
+    stamps = [time.perf_counter()]
+    for b in batches:
+        if acc.micro_batch(b, lm_loss).stepped:
+            stamps.append(time.perf_counter())
+    return per_step(stamps)
+
+
 def with_accelerate(batches, N):
     from accelerate import Accelerator
 
@@ -117,7 +128,8 @@ def main():
     ap.add_argument("--micro", type=int, default=16)
     a = ap.parse_args()
     batches = data(a.steps * a.accum, a.micro)
-    runners = {"hand-written loop": hand_written, "gaccum": with_gaccum, "accelerate": with_accelerate,
+    runners = {"hand-written loop": hand_written, "gaccum": with_gaccum, "gaccum micro_batch": with_gaccum_micro_batch,
+               "accelerate": with_accelerate,
                "lightning": with_lightning}
     res = {}
     for name, fn in runners.items():
