@@ -625,7 +625,7 @@ class Accumulator:
             return False
         if eng.nonfinite == "raise":
             raise FloatingPointError(
-                f"gaccum: the loss is {float(loss)} (non-finite) and no GradScaler is set; nothing was accumulated. "
+                f"gaccum: the loss is {float(loss.detach())} (non-finite) and no GradScaler is set; nothing was accumulated. "
                 "Pass nonfinite='skip' to skip such micro-batches"
             )
         eng.skipped_micro_batches += 1

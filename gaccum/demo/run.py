@@ -72,9 +72,11 @@ def _train(model, opt, sampler, micro_sizes: list[int], steps: int, accumulator_
             rec = logger.records[-1]
             if measure:
                 rec["peak_memory"] = max(micro_peaks[-len(micro_sizes):])
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rec['samples_per_s']:.0f}",
-                            tok_s=f"{rec['tokens_per_s']:.0f}", peak=format_bytes(rec["peak_memory"]),
-                            skipped=acc.skipped_steps, oom_splits=acc.oom_splits, refresh=False)
+            shown = {"loss": f"{rec['loss']:.3f}", "samples_s": f"{rec['samples_per_s']:.0f}",
+                     "tok_s": f"{rec['tokens_per_s']:.0f}", "skipped": acc.skipped_steps, "oom_splits": acc.oom_splits}
+            if measure:
+                shown["peak"] = format_bytes(rec["peak_memory"])
+            bar.set_postfix(shown, refresh=False)
             bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
@@ -102,7 +104,7 @@ def _one_large_batch(model, sampler, window: list[int], steps: int, lr: float, d
             loss = lm_loss(model, batch)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     except torch.OutOfMemoryError:
         return None
     finally:
