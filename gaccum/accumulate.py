@@ -112,6 +112,7 @@ class _Run:
     pieces: int = 0
     attempt_items: float = 0.0  # the count of the piece being tried
     attempt_items_mode: bool = False
+    attempt_loss: Optional[torch.Tensor] = None
 
     def add(self, n: float, items_mode: bool) -> None:
         self.items += n
@@ -570,7 +571,6 @@ class Accumulator:
             return float(window[self.engine.micro % len(window)])
         return 1.0
 
-
     @contextlib.contextmanager
     def accumulate(self, last: Optional[bool] = None) -> Iterator["Accumulator"]:
         """One micro-step. Under DDP, gradient sync only on the window's last.
@@ -725,7 +725,10 @@ class Accumulator:
             )
         eng.oom_splits += 1
         if reached and all(p in reached or p in done_params for p in eng.params if p.requires_grad):
-            run.add(run.attempt_items, run.attempt_items_mode)  # the backward had finished every parameter
+            # the backward had reached every parameter: the piece is in, whole
+            if run.attempt_loss is not None:
+                eng.add_loss(run.attempt_loss, run.attempt_items)
+            run.add(run.attempt_items, run.attempt_items_mode)
             return
         parts = split_batch(piece, new)
         for j, part in enumerate(parts):
@@ -743,6 +746,7 @@ class Accumulator:
                 assert eng.master_weights is not None
                 extra += [eng.masters.flat, *eng.master_weights.weights]
             budget = MemoryBudget(self.memory_limit, self.model, eng.optimizer, extra)
+        run.attempt_loss = None
         with budget, watch, ddp_ctx:
             loss, items = _loss_and_items(run.loss_fn(self.model, piece))
             n = items if items is not None else run.n_full * k / run.size
@@ -751,6 +755,7 @@ class Accumulator:
                 return
             if not loss.requires_grad:
                 raise ValueError("gaccum: the loss from loss_fn does not require grad (computed under no_grad?)")
+            run.attempt_loss = loss.detach()
             self._weighted_backward(loss, n, n * run.size / k)
             eng.add_loss(loss, n)
         if self.memory_limit is not None:

@@ -104,6 +104,36 @@ def test_oom_mid_backward_keeps_the_gradients_already_accumulated():
     assert all(p.requires_grad for p in ours.parameters()), "frozen parameters must be given back"
 
 
+def test_oom_after_backward_reached_every_parameter_counts_the_piece_once():
+    """The input's gradient is computed after every weight's: an OOM there leaves the piece complete."""
+    x, y = regression_data(32)
+    torch.manual_seed(0)
+    model = nn.Sequential(Gate("backward"), nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    ref, init = copy.deepcopy(model), copy.deepcopy(model)
+    model[0].limit = 4
+
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(b[0].shape[0])
+        return mse(m, (b[0].clone().requires_grad_(), b[1]))
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    acc = gaccum.Accumulator(model, opt, accum_steps=2)
+    results = []
+    with pytest.warns(RuntimeWarning, match="micro-batch of 8"):
+        for i in range(0, 32, 8):
+            results.append(acc.micro_batch((x[i : i + 8], y[i : i + 8]), loss_fn))
+    assert acc.optimizer_steps == 2 and acc.oom_splits == 1 and acc.micro_batch_limit == 4
+    assert calls == [8, 4, 4, 4, 4, 4, 4]  # the 8 that ran out was not run again in halves
+    large_batch_train(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), chunks(x, y, 16))
+    assert max_abs_diff(model.parameters(), ref.parameters()) < 1e-12
+    # the window's loss (kept in float32) counts the piece whose backward ran out of memory exactly once
+    with torch.no_grad():
+        first_window_loss = float(F.mse_loss(init(x[:16]), y[:16]))
+    assert results[1].loss == pytest.approx(first_window_loss, rel=1e-6)
+
+
 def test_oom_split_with_fp32_master_gradients_flushes_the_failed_backward():
     """With FP32 masters, the failed backward's bucket is flushed with its own weight."""
     x, y = regression_data(96, dtype=torch.float32)
