@@ -54,26 +54,29 @@ def hand_written(batches, N):
     return per_step(stamps)
 
 
-def with_gaccum(batches, N):
-    m, opt = fresh()
-    acc = gaccum.Accumulator(m, opt, accum_steps=N)
-    stamps = [time.perf_counter()]
-    for b in batches:
-        with acc.accumulate():
-            if acc.backward(lm_loss(m, b)).stepped:
+def _gaccum_runner(micro_step):
+    """Time per optimizer step of an Accumulator driven one micro-batch at a time by ``micro_step``."""
+
+    def run(batches, N):
+        m, opt = fresh()
+        acc = gaccum.Accumulator(m, opt, accum_steps=N)
+        stamps = [time.perf_counter()]
+        for b in batches:
+            if micro_step(acc, m, b).stepped:
                 stamps.append(time.perf_counter())
-    return per_step(stamps)
+        return per_step(stamps)
+
+    return run
 
 
-def with_gaccum_micro_batch(batches, N):
-    """gaccum runs the forward (OOM splitting armed: a post-accumulate hook per parameter)."""
-    m, opt = fresh()
-    acc = gaccum.Accumulator(m, opt, accum_steps=N)
-    stamps = [time.perf_counter()]
-    for b in batches:
-        if acc.micro_batch(b, lm_loss).stepped:
-            stamps.append(time.perf_counter())
-    return per_step(stamps)
+def _accumulate_block(acc, m, b):
+    with acc.accumulate():
+        return acc.backward(lm_loss(m, b))
+
+
+with_gaccum = _gaccum_runner(_accumulate_block)
+# gaccum runs the forward (OOM splitting armed: a post-accumulate hook per parameter)
+with_gaccum_micro_batch = _gaccum_runner(lambda acc, m, b: acc.micro_batch(b, lm_loss))
 
 
 def with_accelerate(batches, N):
