@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._checks import is_int
 from ._dist import all_reduce_scalars, world_size
 from .autosplit import MemoryBudget, TouchTracker, check_memory_limit, halves, is_oom
 from .batch import batch_size, batch_tensors, split_batch
@@ -54,12 +55,8 @@ class StepResult:
         return asdict(self)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def check_accum_steps(accum_steps: Any, name: str = "accum_steps") -> int:
-    if not _is_int(accum_steps):
+    if not is_int(accum_steps):
         raise TypeError(f"gaccum: {name} must be an int >= 1, got {accum_steps!r} ({type(accum_steps).__name__})")
     if accum_steps < 1:
         raise ValueError(f"gaccum: {name} must be >= 1, got {accum_steps}")
@@ -348,7 +345,7 @@ class _Engine:
 
     # -- accumulation schedules -------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        if not _is_int(epoch) or epoch < 0:
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(f"gaccum: epoch must be an int >= 0, got {epoch!r}")
         self.epoch = epoch
         if self.micro == 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ._checks import is_int
+
 RULES = ("linear", "sqrt")
 
 
@@ -16,7 +18,7 @@ def scale_lr(base_lr: float, base_bs: int, effective_bs: int, rule: str = "linea
     if not isinstance(base_lr, (int, float)) or isinstance(base_lr, bool) or not base_lr > 0:
         raise ValueError(f"gaccum: base_lr must be a positive number, got {base_lr!r}")
     for name, v in (("base_bs", base_bs), ("effective_bs", effective_bs)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"gaccum: {name} must be an int >= 1, got {v!r}")
     if rule not in RULES:
         raise ValueError(f"gaccum: rule must be one of {RULES}, got {rule!r}")
@@ -27,7 +29,7 @@ def scale_lr(base_lr: float, base_bs: int, effective_bs: int, rule: str = "linea
 def num_optimizer_steps(num_micro_batches: int, accum_steps: int, drop_last: bool = False) -> int:
     """Optimizer steps that ``num_micro_batches`` give: ceil (a partial last window steps too)."""
     for name, v in (("num_micro_batches", num_micro_batches), ("accum_steps", accum_steps)):
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not is_int(v):
             raise TypeError(f"gaccum: {name} must be an int, got {v!r}")
     if num_micro_batches < 0 or accum_steps < 1:
         raise ValueError("gaccum: num_micro_batches must be >= 0 and accum_steps >= 1")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._checks import is_int
 from ._dist import all_reduce_scalars, world_size
 from .batch import batch_tensors
 from .lr import scale_lr as _scale_lr
@@ -320,7 +321,7 @@ def plan(
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"gaccum: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(target_bs, int) or isinstance(target_bs, bool):
+    if not is_int(target_bs):
         raise TypeError(f"gaccum: target_bs must be an int, got {target_bs!r}")
     if target_bs <= 0:
         raise ValueError(f"gaccum: target_bs must be > 0, got {target_bs}")

@@ -13,13 +13,10 @@ import bisect
 import math
 from typing import Any, Mapping, Optional
 
+from ._checks import is_int
 from .lr import RULES
 
 BY = ("step", "epoch")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class AccumulationSchedule:
@@ -41,9 +38,9 @@ class AccumulationSchedule:
                 f"got {schedule!r}"
             )
         for k, v in schedule.items():
-            if not _is_int(k) or k < 0:
+            if not is_int(k) or k < 0:
                 raise ValueError(f"gaccum: schedule keys are {by}s (ints >= 0), got {k!r}")
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"gaccum: schedule values are accumulation steps (ints >= 1), got {k!r}: {v!r}")
         if 0 not in schedule:
             raise ValueError(

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ._checks import is_int
 from .accumulate import Accumulator
 from .batch import batch_size, split_batch
 
@@ -59,7 +60,7 @@ def verify(
     mode unless ``train_mode`` (dropout would make the two passes differ); its
     weights, gradients and mode are left as they were.
     """
-    if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+    if not is_int(micro_batch_size) or micro_batch_size < 1:
         raise ValueError(f"gaccum: micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
