@@ -70,6 +70,8 @@ def _check_loss(loss: Any) -> None:
         raise ValueError(
             f"gaccum: loss must be a scalar (mean-reduced), got shape {tuple(loss.shape)}; reduce it with .mean()"
         )
+    if not loss.requires_grad:
+        raise ValueError("gaccum: loss does not require grad (computed under no_grad, or detached?)")
 
 
 def _check_items(num_items: Any) -> float:
@@ -468,8 +470,11 @@ class Accumulator:
         if on_oom not in ("split", "raise"):
             raise ValueError(f"gaccum: on_oom must be 'split' or 'raise', got {on_oom!r}")
         window: Optional[list[int]] = None
+        schedule = as_schedule(accum_steps)
+        if schedule is not None:
+            accum_steps = schedule
         if plan is not None:
-            if as_schedule(accum_steps) is None:  # a schedule overrides the plan's steps; an int must agree
+            if schedule is None:  # a schedule overrides the plan's steps; an int must agree
                 if accum_steps is not None and accum_steps != plan.accum_steps:
                     raise ValueError(
                         f"gaccum: accum_steps={accum_steps} disagrees with the plan's {plan.accum_steps}; "
@@ -601,8 +606,6 @@ class Accumulator:
         if self._backward_done:
             raise RuntimeError("gaccum: backward() was already called in this accumulate() block; one per micro-batch")
         _check_loss(loss)
-        if not loss.requires_grad:
-            raise ValueError("gaccum: loss does not require grad (computed under no_grad, or detached?)")
         eng = self.engine
         n = self._default_items() if num_items is None else _check_items(num_items)
         if self._skip_nonfinite(loss):
@@ -611,7 +614,6 @@ class Accumulator:
         if num_items is not None:
             eng.items_mode = True
         self._weighted_backward(loss, n)
-        eng.add_loss(loss, n)
         self._backward_done = True
         return self._end_micro(n, self._synced_this_micro, self._last_flag)
 
@@ -629,6 +631,7 @@ class Accumulator:
         return True
 
     def _weighted_backward(self, loss: torch.Tensor, n: float, n0: Optional[float] = None) -> None:
+        """Backward at weight n / R; the loss enters the window's mean loss only once its gradient is in."""
         eng = self.engine
         w = eng.weight_for(n, n0)
         if eng.masters is not None:
@@ -639,6 +642,7 @@ class Accumulator:
         if eng.scaler is not None:
             scaled = eng.scaler.scale(scaled)
         scaled.backward()
+        eng.add_loss(loss, n)
 
     def _end_micro(self, n: float, synced: bool, last: bool) -> StepResult:
         eng = self.engine
@@ -688,7 +692,7 @@ class Accumulator:
     def _piece(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
         k = batch_size(piece)
         try:
-            self._attempt(piece, run, sync, done_params)
+            self._attempt(piece, k, run, sync, done_params)
             return
         except Exception as exc:  # noqa: BLE001 - only an OOM is handled; the rest re-raised as is
             if not is_oom(exc) or self.on_oom != "split":
@@ -731,9 +735,8 @@ class Accumulator:
         for j, part in enumerate(parts):
             self._piece(part, run, sync and j == len(parts) - 1, done_params | reached)
 
-    def _attempt(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
+    def _attempt(self, piece: Any, k: int, run: "_Run", sync: bool, done_params: frozenset) -> None:
         eng = self.engine
-        k = batch_size(piece)
         ddp_ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
         watch = self._touch.attempt(done_params) if self._touch is not None else contextlib.nullcontext()
         budget: Any = contextlib.nullcontext()
@@ -750,11 +753,8 @@ class Accumulator:
             run.attempt_items, run.attempt_items_mode = n, items is not None
             if self._skip_nonfinite(loss):
                 return
-            if not loss.requires_grad:
-                raise ValueError("gaccum: the loss from loss_fn does not require grad (computed under no_grad?)")
             run.attempt_loss = loss.detach()
             self._weighted_backward(loss, n, n * run.size / k)
-            eng.add_loss(loss, n)
         if self.memory_limit is not None:
             self.peak_memory = max(self.peak_memory or 0, budget.peak)
         run.add(n, items is not None)
