@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .memory import format_bytes
+from .memory import format_bytes, parse_bytes
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -59,7 +59,8 @@ class MemoryBudget:
         class _Tracker(_mem_tracker_cls()):  # type: ignore[misc]
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
                 res = super().__torch_dispatch__(func, types, args, kwargs)
-                now = sum(v.get("Total", 0) for v in self.get_tracker_snapshot("current").values())
+                # The live totals MemTracker keeps; get_tracker_snapshot() would deep-copy them on every op.
+                now = sum(v.get("Total", 0) for v in self._curr_mem_snap.values())
                 outer.peak = max(outer.peak, now)
                 if now > outer.budget:
                     raise torch.OutOfMemoryError(
@@ -142,8 +143,6 @@ def halves(size: int) -> int:
 
 
 def check_memory_limit(value: Any, device: Optional[torch.device]) -> Optional[int]:
-    from .memory import parse_bytes
-
     if value is None:
         return None
     if device is not None and device.type != "cpu":
