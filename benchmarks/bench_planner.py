@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write  # noqa: E402
 
-from gaccum.plan import search  # noqa: E402
+from gaccum.search import search  # noqa: E402
 from gaccum.probe import ProbeResult  # noqa: E402
 
 # (name, flat peak, intercept, bytes per sample, budget, target): true max in the name

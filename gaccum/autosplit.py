@@ -14,80 +14,48 @@ twice. Which parameters were reached is known exactly from
 ``register_post_accumulate_grad_hook``.
 
 On CPU there is no allocator to run out: :class:`MemoryBudget` raises the same
-``torch.OutOfMemoryError`` when torch's MemTracker sees the live tensors exceed
+``torch.OutOfMemoryError`` when the live tensors (accounting.py) exceed
 a budget (the planner's), so the same path runs in CI.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .memory import format_bytes, parse_bytes
+from .accounting import LiveBytes
+from .memory import parse_bytes
 
 
 def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error, including the cuBLAS/cuDNN workspace allocations that fail with their own status."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    if not isinstance(exc, RuntimeError):
+        return False
+    msg = str(exc)
+    return "out of memory" in msg.lower() or any(s in msg for s in _ALLOC_FAILED)
 
 
-def _mem_tracker_cls() -> type:
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    return MemTracker
+_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation",
+                 "CUFFT_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED")
 
 
-class MemoryBudget:
+class MemoryBudget(LiveBytes):
     """Context manager: raise ``torch.OutOfMemoryError`` once live tensors exceed ``budget`` bytes.
 
     Counts what the planner's CPU probe counts: the model, its gradients, the
     optimizer's state and every tensor allocated inside (``extra`` adds tensors
-    such as FP32 master buffers).
+    such as FP32 master buffers). Frozen parameters need nothing special.
     """
 
     def __init__(self, budget: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                  extra: Sequence[torch.Tensor] = ()) -> None:
-        self.budget = budget
-        self.peak = 0
-        outer = self
-
-        class _Tracker(_mem_tracker_cls()):  # type: ignore[misc]
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-                res = super().__torch_dispatch__(func, types, args, kwargs)
-                # The live totals MemTracker keeps; get_tracker_snapshot() would deep-copy them on every op.
-                now = sum(v.get("Total", 0) for v in self._curr_mem_snap.values())
-                outer.peak = max(outer.peak, now)
-                if now > outer.budget:
-                    raise torch.OutOfMemoryError(
-                        f"gaccum: CPU memory budget exceeded: {format_bytes(now)} live > budget "
-                        f"{format_bytes(outer.budget)} (simulated out-of-memory)"
-                    )
-                return res
-
-        self._tracker = _Tracker()
-        self._external = (model, optimizer, *extra)
-
-    def __enter__(self) -> "MemoryBudget":
-        # torch warns that the tracker's module hooks were cut short when the forward raises; that is the point.
-        self._quiet = warnings.catch_warnings()
-        self._quiet.__enter__()
-        warnings.filterwarnings("ignore", message="global module forward hook with")
-        # ... and that SGD's momentum_buffer=None is not a tensor.
-        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-        self._tracker.track_external(*self._external)
-        self._tracker.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._tracker.__exit__(*exc)
-        finally:
-            self._quiet.__exit__(*exc)
+        super().__init__(budget)
+        self.track(model, optimizer, list(extra))
 
 
 class TouchTracker:

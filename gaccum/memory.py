@@ -36,3 +36,27 @@ def format_bytes(n: int | float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def parse_headroom(headroom: int | float | str, limit: int) -> int:
+    """Bytes kept free: a fraction of the limit in [0, 1), or bytes (an int or a string like "512MiB").
+
+    A float is always a fraction and an int always bytes, so ``1.0`` or ``5.0``
+    (a fraction that keeps everything) is an error rather than 1 or 5 bytes.
+    """
+    if isinstance(headroom, bool):
+        raise TypeError("gaccum: headroom must be a fraction in [0, 1), bytes (int) or a size string, got a bool")
+    if isinstance(headroom, float):
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(
+                f"gaccum: headroom={headroom!r} is a float, so a fraction of the memory limit, and must be in "
+                "[0, 1); for bytes pass an int or a string such as '512MiB'"
+            )
+        return int(limit * headroom)
+    if isinstance(headroom, int):
+        if headroom < 0:
+            raise ValueError(f"gaccum: headroom must be >= 0 bytes, got {headroom}")
+        return headroom
+    if isinstance(headroom, str):
+        return parse_bytes(headroom)
+    raise TypeError(f"gaccum: headroom must be a fraction, bytes (int) or a size string, got {type(headroom).__name__}")

@@ -1,36 +1,39 @@
-"""``gaccum.plan``: the largest micro-batch that fits, in few probes, leaving no trace.
+"""``gaccum.plan``: the largest micro-batch that fits in steady training, in few probes, leaving no trace.
 
-The search uses what probes measure. Peak memory is piecewise linear in the
-batch b: flat below a knee (the optimizer step dominates), then growing by a
-fixed amount per sample. Two measured points above the knee give the line, and
-the line gives the largest b under the budget in one jump; the answer is then
-confirmed by probing it (it fits) and b + 1 (it does not). Where a line is not
-available yet (one point, or an OOM that measured nothing) the bracket is split
-geometrically. Every size returned was itself probed.
+Each probe is a micro-step as steady training runs it (probe.py: the optimizer's
+state warm, the window's gradients alive, FP32 masters in place when the
+Accumulator will keep them); the search (search.py) turns a few probes into the
+largest size that fits, and proves it (b fits, b + 1 does not). The user's
+model, optimizer, gradients, module modes and RNG are put back in place at the
+end. User hooks on modules and the optimizer fire during probes like in any
+training step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import plan_cache
 from ._checks import is_int
 from ._dist import all_reduce_scalars, world_size
+from .accounting import LiveBytes
+from .autosplit import is_oom
 from .batch import batch_tensors
 from .lr import scale_lr as _scale_lr
-from .memory import format_bytes, parse_bytes
-from .probe import AMP_DTYPES, ProbeResult, Snapshot, probe_cuda, probe_tracked, train_step
+from .master import HALF
+from .memory import format_bytes, parse_bytes, parse_headroom
+from .probe import AMP_DTYPES, ProbeResult, Rig, Snapshot, optimizer_like, probe_cuda, probe_tracked
+from .search import balanced_window, search
 
 # What a fake-tensor estimate cannot see on a real GPU: the CUDA context (outside
 # torch's allocator, ~0.3-0.6 GiB), cuBLAS/cuDNN workspaces, and the caching
@@ -40,7 +43,7 @@ ESTIMATE_ALLOWANCE_FRACTION = 0.05
 
 
 class PlanError(RuntimeError):
-    """Even a micro-batch of 1 does not fit; the message says what would help."""
+    """Even the smallest micro-batch does not fit; the message says what would help."""
 
 
 @dataclass
@@ -65,9 +68,14 @@ class Plan:
     throughput: dict[int, float] = field(default_factory=dict)
     cached: bool = False
     notes: list[str] = field(default_factory=list)
+    master_grads: bool = False
+    agreed_budget: Optional[int] = None  # under torch.distributed: the smallest rank's budget, which all used
+    peak_interpolated: bool = False  # the chosen size was not probed itself: its peak lies between two probes
 
     @property
     def budget(self) -> int:
+        if self.agreed_budget is not None:
+            return self.agreed_budget
         return self.memory_limit - self.headroom - self.allowance
 
     def scale_lr(self, base_lr: float, base_bs: int, rule: str = "linear") -> float:
@@ -94,13 +102,17 @@ class Plan:
             ("effective batch", f"{self.effective_batch_size} (target {self.target_bs})"),
             ("window", " + ".join(map(str, self.window)) if len(set(self.window)) > 1 else f"{self.accum_steps} x {self.window[0]}"),
             ("largest that fits", str(self.max_micro_batch)),
-            ("peak memory", format_bytes(self.peak_memory)),
+            (f"peak at {self.micro_batch_size}", format_bytes(self.peak_memory)
+             + (" (between two probes)" if self.peak_interpolated else "")),
             ("memory limit", format_bytes(self.memory_limit)),
             ("headroom", format_bytes(self.headroom)),
         ]
         if self.allowance:
             head.append(("allowance (unseen)", format_bytes(self.allowance)))
-        head += [("device", f"{self.device}" + (f", amp={self.amp}" if self.amp else "")),
+        head.append(("budget", format_bytes(self.budget)
+                     + (" (the smallest rank's, used by all)" if self.world_size > 1 else "")))
+        head += [("device", f"{self.device}" + (f", amp={self.amp}" if self.amp else "")
+                  + (", FP32 master gradients" if self.master_grads else "")),
                  ("plan", kind + (" (from cache, 0 probes)" if self.cached else "")),
                  ("probes", f"{len(self.probes)} in {self.seconds:.2f} s")]
         width = max(len(k) for k, _ in head)
@@ -115,107 +127,13 @@ class Plan:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- search
-def _line_estimate(points: list[tuple[int, int]], budget: int) -> Optional[int]:
-    """Largest b under budget on the line through the two largest-b measured points."""
-    if len(points) < 2:
-        return None
-    (b1, p1), (b2, p2) = sorted(points)[-2:]
-    slope = (p2 - p1) / (b2 - b1)
-    if slope <= 0:
-        return None
-    return int(math.floor(b2 + (budget - p2) / slope + 1e-9))
-
-
-def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Optional[int] = None,
-           start: int = 1) -> tuple[int, list[ProbeResult]]:
-    """Largest b in [1, cap] with ``probe(b).fit``, assuming fit is monotone in b.
-
-    ``probe`` is the only oracle; ``seed`` (e.g. a fake-tensor estimate) is tried
-    right after b = 1. Returns (b, probes in order).
-    """
-    results: dict[int, ProbeResult] = {}
-    order: list[ProbeResult] = []
-
-    def run(b: int) -> ProbeResult:
-        r = probe(b)
-        results[b] = r
-        order.append(r)
-        return r
-
-    first = run(start)
-    if not first.fit:
-        return 0, order
-    lo, hi = start, cap + 1  # lo fits; hi does not (cap + 1 is a sentinel never probed)
-    second = min(cap, max(2, seed)) if seed else cap
-    if cap > start:
-        r = run(second)
-        if r.fit:
-            lo = second
-        else:
-            hi = second
-        if seed and second != cap:
-            # A seed is a claim that `second` is the answer: its neighbour confirms it.
-            nb = second + 1 if r.fit else second - 1
-            if 1 < nb < cap + 1 and nb not in results:
-                rn = run(nb)
-                if rn.fit:
-                    lo = max(lo, nb)
-                else:
-                    hi = min(hi, nb)
-    last_points: Optional[tuple] = None
-    flat = first.peak if first.peak is not None else -1
-    lower_bound_went_flat = False
-    slow_streak = 0  # estimates that shrank the bracket by less than half, in a row
-    while hi - lo > 1:
-        if lo == cap:
-            break
-        # Only points above the knee lie on the line: a failing probe's peak is above
-        # the budget (so above the flat level), a fitting one is if it beats b = 1's.
-        above = sorted((b, r.peak) for b, r in results.items() if r.peak is not None and (not r.fit or r.peak > flat))
-        key = tuple(above[-2:])
-        est = None
-        if len(above) >= 2 and key != last_points:
-            est = _line_estimate(above, budget)
-            last_points = key
-        elif len(above) == 1 and not lower_bound_went_flat and results[lo].peak is not None and above[0][0] != lo:
-            # One point on the line and one on the flat part: their chord is shallower
-            # than the line, so it gives a lower bound on the answer. Try it once.
-            est = _line_estimate([(lo, results[lo].peak), above[0]], budget)
-        if est is not None and slow_streak >= 2 and hi <= cap and est > lo + 1:  # never skip a confirmation
-            est = (lo + hi) // 2  # real peaks bend near the knee: a bisection step guarantees progress
-            slow_streak = 0
-        if est is None:
-            b = max(lo + 1, min(hi - 1, int(math.isqrt(lo * hi)) if hi <= cap else min(cap, lo * 4)))
-        else:
-            b = max(lo + 1, min(hi - 1, est))
-        width = hi - lo
-        r = run(b)
-        lower_bound_went_flat = r.fit and r.peak is not None and r.peak <= flat and len(above) == 1
-        if r.fit:
-            lo = b
-        else:
-            hi = b
-        slow_streak = slow_streak + 1 if (est is not None and (hi - lo) > width / 2) else 0
-    return lo, order
-
-
-def balanced_window(per_rank_target: int, max_micro: int, uneven: bool = False) -> list[int]:
-    """Micro-batch sizes of one window that reach the target exactly."""
-    steps = -(-per_rank_target // max_micro)
-    if uneven:
-        return [max_micro] * (steps - 1) + [per_rank_target - max_micro * (steps - 1)]
-    base, extra = divmod(per_rank_target, steps)
-    return [base + 1] * extra + [base] * (steps - extra)
-
-
 # --------------------------------------------------------------------------- plan()
 def _agree(result: ProbeResult, device: torch.device) -> ProbeResult:
     """Under torch.distributed an OOM on any rank is an OOM for all, so ranks never diverge."""
     bad, peak = all_reduce_scalars([0.0 if result.fit else 1.0, result.peak if result.peak is not None else -1],
                                    device, op=dist.ReduceOp.MAX)
     return ProbeResult(result.batch, None if peak < 0 or result.peak is None else int(peak), bad == 0.0,
-                       result.seconds, result.oom or bad > 0)
+                       result.seconds, result.oom or bad > 0, result.activation_peak, result.static)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -223,40 +141,6 @@ def _model_device(model: nn.Module) -> torch.device:
     if len(devs) != 1:
         raise ValueError(f"gaccum: plan() needs the model on one device, found {sorted(map(str, devs))}")
     return devs.pop()
-
-
-def _cache_path() -> Path:
-    from ._ext import cache_dir
-
-    return cache_dir() / "plans.json"
-
-
-def _cache_key(model, optimizer, shapes, target_bs, amp, device_name, limit, headroom, world, uneven, objective) -> str:
-    params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
-    blob = json.dumps([repr(model), params, shapes, type(optimizer).__name__,
-                       {k: repr(v) for k, v in optimizer.defaults.items()}, target_bs, amp, device_name, limit,
-                       headroom, world, uneven, objective, torch.__version__], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _cache_load(key: str) -> Optional[dict[str, Any]]:
-    try:
-        return json.loads(_cache_path().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
-
-
-def _cache_store(key: str, plan: Plan) -> None:
-    path = _cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[key] = plan.to_dict()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass  # a cache that cannot be written only costs probes next time
 
 
 def _fake_copies(model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -268,27 +152,77 @@ def _fake_copies(model: nn.Module, optimizer: torch.optim.Optimizer):
     fmodel = fmodel.to("cpu") if next(fmodel.parameters()).device.type != "cpu" else fmodel
     fparams = list(fmodel.parameters())
     index = {id(p): i for i, p in enumerate(model.parameters())}
-    groups = []
-    for g in optimizer.param_groups:
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [fparams[index[id(p)]] for p in g["params"]]})
-    try:  # the groups carry every hyper-parameter; some optimizers insist on lr too
-        fopt = type(optimizer)(groups)
-    except TypeError:
-        fopt = type(optimizer)(groups, lr=optimizer.param_groups[0]["lr"])
-    return mode, fmodel, fopt
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fparams[index[id(p)]] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return mode, fmodel, optimizer_like(optimizer, groups)
 
 
-def _samples_per_second(model, optimizer, sample, loss_fn, b, amp, device, snapshot: Snapshot, reps: int = 2) -> float:
-    """Training throughput at batch b; the restore between steps is not timed."""
-    elapsed = 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        train_step(model, optimizer, sample, loss_fn, b, amp, device, check=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - t0
-        snapshot.restore_weights()
-    return b * reps / elapsed if elapsed > 0 else 0.0
+def _resolve_master_grads(master_grads: bool | str, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """The Accumulator's rule: 'auto' keeps FP32 masters when a trained parameter is half precision."""
+    if master_grads not in ("auto", True, False):
+        raise ValueError(f"gaccum: master_grads must be 'auto', True or False (as for the Accumulator), got {master_grads!r}")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) in held]
+    if master_grads == "auto":
+        return any(p.dtype in HALF for p in params)
+    if master_grads and any(p.dtype not in (torch.float32, *HALF) for p in params):
+        raise ValueError("gaccum: FP32 master gradients are for float16/bfloat16/float32 parameters; pass master_grads=False")
+    return bool(master_grads)
+
+
+def _check_optimizer(optimizer: Any, model: nn.Module) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"gaccum: optimizer must be a torch.optim.Optimizer built on the model's parameters, got "
+            f"{type(optimizer).__name__} {optimizer!r}; e.g. optimizer=torch.optim.AdamW(model.parameters()), "
+            "or leave it out to plan for AdamW"
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        raise ValueError(
+            "gaccum: the optimizer does not hold any of the model's trainable parameters; build it from "
+            "model.parameters() (or the trainable ones) of this model"
+        )
+
+
+def _cuda_limit(device: torch.device, memory_limit: Any) -> tuple[int, int, Optional[str]]:
+    """(limit, allowance for memory outside torch's allocator, note) on a GPU.
+
+    Under torch.distributed the first collective allocates its buffers (NCCL's
+    are outside torch's allocator), so one runs before anything is read.
+    """
+    if world_size() > 1:
+        all_reduce_scalars([0.0], device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    outside = max(0, (total - free) - reserved)  # CUDA context, NCCL buffers, other processes
+    note = None
+    if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+        note = "expandable segments: reserved memory follows allocations closely, peaks are read as such"
+    if memory_limit is None:
+        return int(free + reserved), 0, note
+    limit = parse_bytes(memory_limit)
+    return limit, min(outside, limit // 2), note
+
+
+def _peak_at(b: int, probes: list[ProbeResult]) -> tuple[Optional[int], bool]:
+    """The peak at b: measured when b was probed, else on the line between the probes around it."""
+    exact = [r.peak for r in probes if r.batch == b and r.fit and r.peak is not None]
+    if exact:
+        return max(exact), False
+    fits = sorted((r.batch, r) for r in probes if r.fit and r.peak is not None)
+    below = [r for x, r in fits if x < b]
+    above = [r for x, r in fits if x > b]
+    if not below or not above:
+        return None, True
+    r1, r2 = below[-1], above[0]
+    h1 = r1.activation_peak if r1.activation_peak is not None else r1.peak
+    h2 = r2.activation_peak if r2.activation_peak is not None else r2.peak
+    act = h1 + (h2 - h1) * (b - r1.batch) / (r2.batch - r1.batch)
+    step = max((r.peak for _, r in fits if r.activation_peak is not None and r.peak > r.activation_peak), default=0)
+    return int(max(act, step, r1.peak)), True
 
 
 def plan(
@@ -302,21 +236,29 @@ def plan(
     memory_limit: Optional[int | str] = None,
     headroom: int | str | float = 0.05,
     *,
+    master_grads: bool | str = "auto",
     uneven: bool = False,
     objective: str = "memory",
+    soak: int = 0,
     cache: bool = True,
     refresh: bool = False,
 ) -> Plan:
-    """Find the largest micro-batch that fits and the window that reaches ``target_bs``.
+    """Find the largest micro-batch that fits in steady training and the window that reaches ``target_bs``.
 
-    ``sample(b)`` returns a batch of b samples; ``loss_fn(model, batch)`` its
-    mean loss. ``optimizer`` defaults to AdamW (its state is the usual worst
-    case). ``memory_limit`` is required on CPU and for ``device="meta"``; on
-    CUDA it defaults to the free memory. ``headroom`` (bytes, a size string, or
-    a fraction of the limit) is kept free for allocator fragmentation.
-    ``device="meta"`` plans without the device, on fake tensors. ``objective=
-    "throughput"`` picks the fastest fitting size among those probed. Model,
-    optimizer, gradients, RNG and ``model.training`` are restored bitwise.
+    ``sample(b)`` returns a batch of b samples, the worst case the data holds
+    (the longest sequences: memory grows with them); ``loss_fn(model, batch)``
+    its mean loss. ``optimizer`` defaults to AdamW (its state is the usual worst
+    case). ``master_grads`` is the Accumulator's choice ("auto": FP32 masters
+    for half-precision parameters), so the probes hold what training will.
+    ``memory_limit`` is required on CPU and for ``device="meta"``; on CUDA it
+    defaults to what is free. ``headroom`` is a fraction of the limit (a float
+    in [0, 1)) or bytes (an int or "512MiB"), kept free for fragmentation.
+    ``device="meta"`` plans on fake tensors without the device. ``objective=
+    "throughput"`` picks the fastest fitting size among those probed. ``soak=N``
+    trains N real micro-steps at the chosen size and steps down if they do not
+    fit. Model, optimizer, gradients, module modes and RNG come back as they
+    were, as the same tensor objects; module and optimizer hooks fire while
+    probing.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -331,6 +273,8 @@ def plan(
         raise ValueError(f"gaccum: amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if objective not in ("memory", "throughput"):
         raise ValueError(f"gaccum: objective must be 'memory' or 'throughput', got {objective!r}")
+    if not is_int(soak) or soak < 0:
+        raise ValueError(f"gaccum: soak must be a number of micro-steps >= 0, got {soak!r}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("gaccum: the model has no trainable parameters")
     model_device = _model_device(model)
@@ -341,32 +285,37 @@ def plan(
         raise ValueError(f"gaccum: device={device} but the model is on {model_device}; move the model first")
     own_optimizer = optimizer is None
     if optimizer is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    _check_optimizer(optimizer, model)
+    use_masters = _resolve_master_grads(master_grads, model, optimizer)
     world = world_size()
     if target_bs % world:
         raise ValueError(f"gaccum: target_bs={target_bs} is global and must be divisible by the world size {world}")
     per_rank = target_bs // world
 
-    if memory_limit is None:
-        if estimate or model_device.type != "cuda":
-            raise ValueError(
-                "gaccum: memory_limit is required on CPU and for device='meta' (e.g. memory_limit='8GiB')"
-            )
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(model_device)
-        limit = int(free + torch.cuda.memory_allocated(model_device))
+    notes: list[str] = []
+    allowance = 0
+    if memory_limit is None and (estimate or model_device.type != "cuda"):
+        raise ValueError("gaccum: memory_limit is required on CPU and for device='meta' (e.g. memory_limit='8GiB')")
+    if model_device.type == "cuda" and not estimate:
+        limit, allowance, note = _cuda_limit(model_device, memory_limit)
+        if allowance:
+            notes.append(f"{format_bytes(allowance)} of the device is used outside torch's allocator "
+                         "(CUDA context, NCCL, other processes) and is kept out of the budget")
+        if note:
+            notes.append(note)
     else:
-        limit = parse_bytes(memory_limit)
-    if isinstance(headroom, float) and not isinstance(headroom, bool) and 0 <= headroom < 1:
-        head = int(limit * headroom)
-    else:
-        head = 0 if headroom == 0 else parse_bytes(headroom)
+        limit = parse_bytes(memory_limit)  # type: ignore[arg-type]
+    head = parse_headroom(headroom, limit)
     if head >= limit:
         raise ValueError(f"gaccum: headroom {format_bytes(head)} leaves nothing of the {format_bytes(limit)} limit")
-    allowance = int(ESTIMATE_ALLOWANCE_BYTES + ESTIMATE_ALLOWANCE_FRACTION * limit) if estimate else 0
-    if estimate and allowance >= limit - head:
-        allowance = int(ESTIMATE_ALLOWANCE_FRACTION * limit)
+    if estimate:
+        allowance = int(ESTIMATE_ALLOWANCE_BYTES + ESTIMATE_ALLOWANCE_FRACTION * limit)
+        if allowance >= limit - head:
+            allowance = int(ESTIMATE_ALLOWANCE_FRACTION * limit)
     budget = limit - head - allowance
+    if budget <= 0:
+        raise ValueError(f"gaccum: nothing of the {format_bytes(limit)} limit is left after headroom and allowance")
     if world > 1:
         # Every rank searches with the smallest budget, so their decisions never diverge.
         budget = int(all_reduce_scalars([budget], model_device, op=dist.ReduceOp.MIN)[0])
@@ -374,69 +323,60 @@ def plan(
         torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu")
 
     snapshot = Snapshot(model, optimizer)
+    rig: Optional[Rig] = None
     try:
-        # Validate sample/loss at b=1 before anything is measured; restores on error.
-        model.train()  # probes train, so validate in train mode (BatchNorm cannot train on one sample)
+        model.train()  # probes train (BatchNorm updates, dropout on)
+        fake_mode: Any = None
+        if estimate:
+            fake_mode, fmodel, fopt = _fake_copies(model, optimizer)
+        ctx = (lambda: fake_mode) if estimate else contextlib.nullcontext
+        run_device = torch.device("cpu") if estimate else model_device
+        with ctx():
+            rig = Rig(fmodel if estimate else model, fopt if estimate else optimizer, amp, run_device, use_masters)
+        snapshot.restore_weights()
+
+        # Validate sample/loss (and warm what steady training keeps warm) at the smallest size.
         start = 1
-        try:
-            example = train_step(model, optimizer, sample, loss_fn, 1, amp, model_device)
-        except ValueError as exc:
-            if "more than 1 value per channel" not in str(exc):
-                raise
-            start = 2  # BatchNorm cannot train on one sample: the search starts at 2
-            snapshot.restore()
-            example = train_step(model, optimizer, sample, loss_fn, 2, amp, model_device)
+        with ctx():
+            try:
+                example = rig.step(sample, loss_fn, 1)
+            except ValueError as exc:
+                if "more than 1 value per channel" not in str(exc):
+                    raise
+                start = 2  # BatchNorm cannot train on one sample: the search starts at 2
+                rig.settle()
+                example = rig.step(sample, loss_fn, 2)
         shapes = [(tuple(t.shape), str(t.dtype)) for t in batch_tensors(example)]
         del example
-        snapshot.restore()
+        snapshot.restore_weights()
         key = None
         if cache:
-            key = _cache_key(model, optimizer, shapes, target_bs, amp, device_name, limit, head, world, uneven, objective)
-            hit = None if refresh else _cache_load(key)
+            key = plan_cache.plan_key(model, optimizer, shapes=shapes, target_bs=target_bs, amp=amp,
+                                      device=device_name, limit=limit, headroom=head, world=world, uneven=uneven,
+                                      objective=objective, master_grads=use_masters, soak=soak)
+            hit = None if refresh else plan_cache.load(key)
             if hit is not None:
                 p = Plan.from_dict(hit)
                 p.cached, p.probes, p.seconds = True, [], time.perf_counter() - t_start
                 return p
-        model.train()
-        if estimate:
-            fake_mode, fmodel, fopt = _fake_copies(model, optimizer)
 
-            def raw_probe(b: int) -> ProbeResult:
-                return probe_tracked(fmodel, fopt, sample, loss_fn, b, amp, torch.device("cpu"), budget, snapshot,
-                                     fake_mode=fake_mode)
-        elif model_device.type == "cuda":
-            def raw_probe(b: int) -> ProbeResult:
-                return probe_cuda(model, optimizer, sample, loss_fn, b, amp, model_device, budget, snapshot)
-        else:
-            def raw_probe(b: int) -> ProbeResult:
-                return probe_tracked(model, optimizer, sample, loss_fn, b, amp, model_device, budget, snapshot)
+        def raw_probe(b: int) -> ProbeResult:
+            assert rig is not None
+            if model_device.type == "cuda" and not estimate:
+                return probe_cuda(rig, sample, loss_fn, b, budget, snapshot)
+            return probe_tracked(rig, sample, loss_fn, b, budget, None if estimate else snapshot, fake_mode)
 
         def agreed_probe(b: int) -> ProbeResult:
             r = raw_probe(b)
             return _agree(r, model_device) if world > 1 else r
 
         seed = None
-        notes: list[str] = []
         if model_device.type == "cuda" and not estimate:
-            # Seed the real search with a fake-tensor estimate: real probes then confirm and bracket.
-            try:
-                fake_mode, fmodel, fopt = _fake_copies(model, optimizer)
-                seed, _ = search(lambda b: probe_tracked(fmodel, fopt, sample, loss_fn, b, amp, torch.device("cpu"),
-                                                         budget, snapshot, fake_mode=fake_mode), per_rank, budget,
-                               start=start)
-                seed = seed or None
-            except Exception as exc:  # noqa: BLE001 - the estimate is an optimisation only
-                notes.append(f"fake-tensor seed unavailable ({type(exc).__name__})")
-            snapshot.restore()
+            seed = _fake_seed(model, optimizer, sample, loss_fn, amp, use_masters, per_rank, budget, start, notes)
+            snapshot.restore_weights()
         best, probes = search(agreed_probe, per_rank, budget, seed=seed, start=start)
         if best == 0:
-            peak1 = probes[0].peak
-            raise PlanError(
-                f"gaccum: even a micro-batch of {start} does not fit: peak {format_bytes(peak1)} at b={start} against a budget of "
-                f"{format_bytes(budget)} ({format_bytes(limit)} limit - {format_bytes(head)} headroom). "
-                "What would help: activation checkpointing (torch.utils.checkpoint), bf16 (amp='bf16' or "
-                "model.to(torch.bfloat16)), a lighter optimizer (SGD keeps less state than Adam), or a smaller model"
-            )
+            raise PlanError(_does_not_fit(probes[0], start, budget, limit, head, use_masters))
         chosen = best
         throughput: dict[int, float] = {}
         if objective == "throughput" and estimate:
@@ -444,16 +384,19 @@ def plan(
         elif objective == "throughput":
             for r in probes:
                 if r.fit and r.batch not in throughput:
-                    throughput[r.batch] = _samples_per_second(model, optimizer, sample, loss_fn, r.batch, amp,
-                                                              model_device, snapshot)
+                    throughput[r.batch] = _samples_per_second(rig, sample, loss_fn, r.batch, snapshot)
             chosen = max(throughput, key=lambda b: (throughput[b], b))
         window = balanced_window(per_rank, chosen, uneven=uneven)
-        peak = max((r.peak for r in probes if r.batch == chosen and r.peak is not None), default=None)
+        if soak and not estimate:
+            window, best = _soak(rig, sample, loss_fn, soak, window, per_rank, uneven, budget, start, snapshot,
+                                 notes, world, model_device)
+        peak, interpolated = _peak_at(max(window), probes)
         result = Plan(
             micro_batch_size=max(window), accum_steps=len(window), effective_batch_size=sum(window) * world,
             window=window, target_bs=target_bs, world_size=world, peak_memory=peak, memory_limit=limit,
             headroom=head, device=device_name, amp=amp, probes=probes, max_micro_batch=best, estimate=estimate,
             allowance=allowance, seconds=0.0, objective=objective, throughput=throughput, notes=notes,
+            master_grads=use_masters, agreed_budget=budget if world > 1 else None, peak_interpolated=interpolated,
         )
         if estimate:
             result.notes.append(
@@ -464,9 +407,96 @@ def plan(
             result.notes.append(f"balanced window: {len(window)} micro-batches of <= {max(window)} reach {per_rank} exactly")
         result.seconds = time.perf_counter() - t_start
         if cache and key is not None:
-            _cache_store(key, result)
+            plan_cache.store(key, result.to_dict())
         return result
     finally:
+        rig = None
         snapshot.restore()
         if own_optimizer:
             optimizer.state.clear()
+
+
+def _does_not_fit(first: ProbeResult, start: int, budget: int, limit: int, head: int, masters: bool) -> str:
+    seen = (f"peak {format_bytes(first.peak)}" if first.peak is not None
+            else "the step was stopped well over the budget")
+    floor = (f"; weights, gradients, optimizer state{' and FP32 masters' if masters else ''} alone take "
+             f"{format_bytes(first.static)}" if first.static is not None else "")
+    return (
+        f"gaccum: even a micro-batch of {start} does not fit in steady training: {seen} at b={start} against a "
+        f"budget of {format_bytes(budget)} ({format_bytes(limit)} limit - {format_bytes(head)} headroom){floor}. "
+        "What would help: activation checkpointing (torch.utils.checkpoint), bf16 (amp='bf16' or "
+        "model.to(torch.bfloat16)), a lighter optimizer (SGD keeps less state than Adam), freezing part of the "
+        "model, or a smaller model"
+    )
+
+
+def _fake_seed(model, optimizer, sample, loss_fn, amp, masters, per_rank, budget, start, notes) -> Optional[int]:
+    """A fake-tensor search to seed the real one on CUDA: real probes then confirm and bracket."""
+    try:
+        mode, fmodel, fopt = _fake_copies(model, optimizer)
+        with mode:
+            frig = Rig(fmodel, fopt, amp, torch.device("cpu"), masters)
+        seed, _ = search(lambda b: probe_tracked(frig, sample, loss_fn, b, budget, None, mode), per_rank, budget,
+                         start=start)
+        return seed or None
+    except Exception as exc:  # noqa: BLE001 - the estimate is an optimisation only
+        notes.append(f"fake-tensor seed unavailable ({type(exc).__name__})")
+        return None
+
+
+def _samples_per_second(rig: Rig, sample, loss_fn, b: int, snapshot: Snapshot, reps: int = 2) -> float:
+    """Training throughput at batch b; the restore between steps is not timed."""
+    elapsed = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        rig.step(sample, loss_fn, b, check=False)
+        if rig.device.type == "cuda":
+            torch.cuda.synchronize(rig.device)
+        elapsed += time.perf_counter() - t0
+        snapshot.restore_weights()
+    return b * reps / elapsed if elapsed > 0 else 0.0
+
+
+def _soak(rig: Rig, sample, loss_fn, n: int, window: list[int], per_rank: int, uneven: bool, budget: int,
+          start: int, snapshot: Snapshot, notes: list[str], world: int,
+          device: torch.device) -> tuple[list[int], int]:
+    """Train ``n`` micro-steps at the window's largest size; step down until they stay under the budget."""
+    size = max(window)
+    for _ in range(8):
+        ok = True
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                left = n
+                while left > 0:
+                    k = min(left, len(window))
+                    rig.step(sample, loss_fn, size, check=False, micro=k)
+                    left -= k
+                torch.cuda.synchronize(device)
+                ok = max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)) <= budget
+            else:
+                with LiveBytes(budget).track(rig.model, *rig.tracked()):
+                    left = n
+                    while left > 0:
+                        k = min(left, len(window))
+                        rig.step(sample, loss_fn, size, check=False, micro=k)
+                        left -= k
+        except Exception as exc:  # noqa: BLE001 - OOM means "step down"; anything else is the user's
+            if not is_oom(exc):
+                raise
+            ok = False
+            rig.settle()
+        snapshot.restore_weights()
+        if world > 1:
+            ok = all_reduce_scalars([0.0 if ok else 1.0], device, op=dist.ReduceOp.MAX)[0] == 0.0
+        if ok:
+            notes.append(f"soak: {n} micro-steps at {size} stayed under the budget")
+            return window, size
+        new = min(size - 1, int(size * 0.95))
+        if new < start:
+            raise PlanError(f"gaccum: the soak at micro-batch {size} ran out of memory and nothing smaller is left")
+        notes.append(f"soak: {n} micro-steps at {size} did not fit; stepped down to {new}")
+        size = new
+        window = balanced_window(per_rank, size, uneven=uneven)
+        size = max(window)
+    raise PlanError("gaccum: the soak kept running out of memory; plan with more headroom")

@@ -1,10 +1,20 @@
-"""A probe: one real training step at batch b, its peak memory measured.
+"""A probe: one micro-step of steady training at batch b, its memory measured.
 
-Forward (under autocast when asked), backward and ``optimizer.step()`` all run:
-the optimizer allocates its state in the step, and that memory counts. On CUDA
-the peak comes from the caching allocator's statistics and an OOM means "does
-not fit"; on CPU (and with fake tensors, to plan without the device) every
-tensor the step allocates is accounted by torch's MemTracker.
+Steady training is what has to fit, not the first window. By then the
+optimizer's state exists (8 B/param for AdamW) and the window's gradients are
+alive while the next micro-batch runs forward and backward; with FP32 master
+gradients (half-precision models) the Accumulator also holds FP32 master
+weights, an FP32 gradient buffer and FP32 optimizer state. :class:`Rig` puts
+exactly that memory in place once, before the first probe, and keeps it across
+probes; :class:`Snapshot` gives the user's model and optimizer back at the end,
+bitwise and in place (the same tensor objects).
+
+A probe reports three numbers: ``static`` (live before the forward: weights,
+gradients, optimizer state, masters), ``activation_peak`` (the most live during
+forward + backward, which grows with b without a knee) and ``peak`` (that or the
+optimizer step's, whichever is larger). On CUDA they come from the caching
+allocator; on CPU and on fake tensors from :class:`~gaccum.accounting.LiveBytes`,
+which stops the probe at the first operator past the budget's margin.
 """
 
 from __future__ import annotations
@@ -20,33 +30,55 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .accounting import LiveBytes
 from .autosplit import is_oom
 from .batch import batch_devices, batch_size
+from .master import HALF
+from .ops import unscale_check_accumulate_
+
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# A CPU probe's verdict is "does not fit" as soon as it passes the budget; it is
+# stopped outright once it passes the budget by this factor. In between it runs
+# on to measure its peak, which gives the search a point above the budget to
+# interpolate towards (memory stays bounded: never more than this x budget).
+PROBE_MARGIN = 1.5
 
 
 @dataclass
 class ProbeResult:
     batch: int
-    peak: Optional[int]  # bytes; None when the step ran out of memory on the device
+    peak: Optional[int]  # bytes; None when the step ran out of memory (or hit the budget) before its end
     fit: bool
     seconds: float = 0.0
     oom: bool = False
+    activation_peak: Optional[int] = None  # the most live during forward + backward
+    static: Optional[int] = None  # live before the forward
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+# --------------------------------------------------------------------------- no trace
 class Snapshot:
-    """Everything a probe may touch, copied to CPU, restored bitwise."""
+    """Everything a probe may touch, copied to CPU and put back in place.
+
+    The tensors the user holds stay the same objects (parameters, buffers,
+    ``.grad``, optimizer state, the ``param_groups`` dicts): DDP's bucket views,
+    a compiled or CUDA-graphed optimizer and any reference the user kept still
+    point at live data. Only CPU copies are held, so a warm optimizer's state is
+    never on the device twice.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
         self.tensors = [(t, t.detach().to("cpu", copy=True)) for t in list(model.parameters()) + list(model.buffers())]
-        self.grads = [(p, None if p.grad is None else p.grad.detach().to("cpu", copy=True)) for p in model.parameters()]
-        # _to_cpu copies every tensor and container: no device-side deepcopy first (that
-        # would briefly double the optimizer state in GPU memory right before measuring).
-        self.opt_state = _to_cpu(optimizer.state_dict())
-        self.training = model.training
+        self.grads = [(p, p.grad, None if p.grad is None else p.grad.detach().to("cpu", copy=True))
+                      for p in model.parameters()]
+        self.state = {p: (st, dict(st), _to_cpu(dict(st))) for p, st in optimizer.state.items()}
+        self.groups = [(g, _to_cpu({k: v for k, v in g.items() if k != "params"}), list(g["params"]))
+                       for g in optimizer.param_groups]
+        self.modes = [(m, m.training) for m in model.modules()]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.py_rng = random.getstate()
@@ -58,20 +90,39 @@ class Snapshot:
             self.np_rng = None
 
     def restore_weights(self) -> None:
+        """Parameters and buffers only: between probes, gradients and optimizer state stay warm."""
         with torch.no_grad():
             for t, saved in self.tensors:
                 t.copy_(saved)
-        for p, g in self.grads:
-            # A copy: the next probe's backward accumulates into .grad in place.
-            p.grad = None if g is None else g.to(p.device, copy=True)
-        # load_state_dict may alias the tensors it is given; the next step mutates them.
-        self.optimizer.load_state_dict(copy.deepcopy(self.opt_state))
-        if not self.opt_state["state"]:
-            self.optimizer.state.clear()
 
     def restore(self) -> None:
         self.restore_weights()
-        self.model.train(self.training)
+        with torch.no_grad():
+            for p, g, saved in self.grads:
+                p.grad = g
+                if g is not None:
+                    g.copy_(saved)
+            opt = self.optimizer
+            for p in [q for q in opt.state if q not in self.state]:
+                del opt.state[p]  # state the probes created (the warm-up) goes
+            for p, (st, items, saved) in self.state.items():
+                st.clear()
+                for k, v in items.items():
+                    if torch.is_tensor(v) and torch.is_tensor(saved[k]):
+                        v.copy_(saved[k])
+                        st[k] = v
+                    else:
+                        st[k] = copy.deepcopy(saved[k])
+                opt.state[p] = st
+            for g, saved, params in self.groups:
+                g["params"][:] = params
+                for k, v in saved.items():
+                    if torch.is_tensor(g.get(k)) and torch.is_tensor(v) and g[k].shape == v.shape:
+                        g[k].copy_(v)
+                    else:
+                        g[k] = copy.deepcopy(v)
+        for m, training in self.modes:
+            m.training = training
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -92,65 +143,152 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --------------------------------------------------------------------------- steady state
+def optimizer_like(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """A new optimizer of the same type and hyper-parameters over other tensors."""
+    try:  # the groups carry every hyper-parameter; some optimizers insist on lr too
+        return type(optimizer)(groups)
+    except TypeError:
+        return type(optimizer)(groups, lr=optimizer.param_groups[0]["lr"])
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    sample: Callable[[int], Any],
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    b: int,
-    amp: Optional[str],
-    device: torch.device,
-    check: bool = True,
-) -> Any:
-    """One training step as a window's middle micro-step sees it.
+class Rig:
+    """The memory a window's middle micro-step runs with, put in place once for all probes.
 
-    Under accumulation every micro-step after the first runs its forward with
-    the window's gradients already allocated, so they are allocated here before
-    the forward too (zeros, or the gradients the model already has); without
-    that the peak above the knee would be short by the size of the gradients.
-    Returns the batch, so a caller can describe it without sampling again.
+    Without master gradients: the window's gradients (the user's ``.grad``
+    tensors, or zeros) and the optimizer's state (one warm-up step on zero
+    gradients when it has none). With master gradients, what the Accumulator
+    holds instead: FP32 copies of the half parameters, one FP32 gradient buffer
+    and an optimizer of the same kind over the FP32 copies (warm), while the
+    model's half gradients live only from backward to the flush, as there.
     """
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    batch = sample(b)
-    if check:
-        got = batch_size(batch)
-        if got != b:
-            raise ValueError(f"gaccum: sample({b}) returned a batch of {got} samples; it must return exactly b")
-        devs = {d.type for d in batch_devices(batch)}
-        if devs and devs != {device.type}:
-            raise ValueError(
-                f"gaccum: sample() returned tensors on {sorted(devs)} but the model is on {device.type}; "
-                "put the batch on the model's device"
-            )
-    dtype = AMP_DTYPES[amp]
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with ctx:
-        loss = loss_fn(model, batch)
-    if check:
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"gaccum: loss_fn must return a scalar tensor, got {shape}; reduce it with .mean()")
-    if amp == "fp16":
-        loss = loss * 1024.0  # what a GradScaler does to memory: nothing but this multiply
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return batch
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: Optional[str],
+                 device: torch.device, master_grads: bool) -> None:
+        self.model, self.amp, self.device, self.master_grads = model, amp, device, master_grads
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.params = [p for p in model.parameters() if p.requires_grad and id(p) in held]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.extra: list[Any] = []
+        if not master_grads:
+            self.optimizer = optimizer
+            self._ensure_grads()
+            if any(not optimizer.state.get(p) for p in self.params):
+                optimizer.step()  # creates the state steady training carries; the weights are restored
+            return
+        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=device)
+        self.views, off = [], 0
+        for p in self.params:
+            self.views.append(self.flat[off: off + p.numel()].view_as(p))
+            off += p.numel()
+        self.weights = {p: (nn.Parameter(p.detach().to(torch.float32), requires_grad=True) if p.dtype in HALF else p)
+                        for p in self.params}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [self.weights[p] for p in g["params"] if p in self.weights]} for g in optimizer.param_groups]
+        self.optimizer = optimizer_like(optimizer, [g for g in groups if g["params"]])
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        self.inv_scale = torch.ones(1, dtype=torch.float32, device=device)
+        self._step_masters()
+        self.extra = [self.flat, self.found_inf, self.inv_scale, *self.weights.values()]
+
+    def tracked(self) -> list[Any]:
+        """What the accounting counts besides the model: the optimizer (and its parameters) and masters."""
+        return [self.optimizer, *self.extra]
+
+    def _ensure_grads(self) -> None:
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _step_masters(self) -> None:
+        for p, v in zip(self.params, self.views):
+            self.weights[p].grad = v
+        self.optimizer.step()
+        for p in self.params:
+            self.weights[p].grad = None
+
+    def _flush(self) -> None:
+        pairs = [(p.grad, v) for p, v in zip(self.params, self.views) if p.grad is not None]
+        if pairs:
+            unscale_check_accumulate_([g for g, _ in pairs], [v for _, v in pairs], self.found_inf, self.inv_scale,
+                                      overwrite=False)
+        for p in self.trainable:
+            p.grad = None
+
+    def settle(self) -> None:
+        """After a probe that raised: gradients back to the steady-state shape."""
+        if self.master_grads:
+            for p in self.trainable:
+                p.grad = None
+        else:
+            self._ensure_grads()
+
+    def step(self, sample: Callable[[int], Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor], b: int,
+             check: bool = True, micro: int = 1, on_phase: Optional[Callable[[str], None]] = None) -> Any:
+        """``micro`` micro-steps of one batch of b, then the optimizer step. Returns the batch."""
+        if not self.master_grads:
+            self._ensure_grads()
+        if on_phase is not None:
+            on_phase("forward")
+        batch = sample(b)
+        if check:
+            _check_batch(batch, b, self.device)
+        dtype = AMP_DTYPES[self.amp]
+        for _ in range(micro):
+            with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                loss = loss_fn(self.model, batch)
+            if check and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"gaccum: loss_fn must return a scalar tensor, got {shape}; reduce it with .mean()")
+            if self.amp == "fp16":
+                loss = loss * 1024.0  # what a GradScaler does to memory: nothing but this multiply
+            loss.backward()
+            del loss
+            if self.master_grads:
+                self._flush()
+        if on_phase is not None:
+            on_phase("step")
+        if self.master_grads:
+            self._step_masters()
+        else:
+            self.optimizer.step()
+            with torch.no_grad():
+                torch._foreach_zero_([p.grad for p in self.trainable if p.grad is not None])
+        return batch
 
 
-def probe_cuda(model, optimizer, sample, loss_fn, b, amp, device, budget, snapshot: Snapshot) -> ProbeResult:
+def _check_batch(batch: Any, b: int, device: torch.device) -> None:
+    got = batch_size(batch)
+    if got != b:
+        raise ValueError(f"gaccum: sample({b}) returned a batch of {got} samples; it must return exactly b")
+    devs = {d.type for d in batch_devices(batch)}
+    if devs and devs != {device.type}:
+        raise ValueError(
+            f"gaccum: sample() returned tensors on {sorted(devs)} but the model is on {device.type}; "
+            "put the batch on the model's device"
+        )
+
+
+# --------------------------------------------------------------------------- probes
+def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> ProbeResult:
+    """Two micro-steps and the optimizer step, with no cache emptied between them, so fragmentation shows."""
+    device = rig.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    phases: dict[str, int] = {}
+
+    def on_phase(name: str) -> None:
+        torch.cuda.synchronize(device)
+        if name == "forward":
+            phases["static"] = torch.cuda.memory_allocated(device)
+        else:
+            phases["act"] = max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
+
     t0 = time.perf_counter()
     oom = False
     try:
-        train_step(model, optimizer, sample, loss_fn, b, amp, device)
+        rig.step(sample, loss_fn, b, micro=2, on_phase=on_phase)
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - OOM is an answer, anything else is re-raised
         if not is_oom(exc):
@@ -158,32 +296,49 @@ def probe_cuda(model, optimizer, sample, loss_fn, b, amp, device, budget, snapsh
         oom = True
     seconds = time.perf_counter() - t0
     peak = None if oom else max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
-    snapshot.restore_weights()
-    gc.collect()
+    if oom:
+        gc.collect()  # the failed step's frames hold tensors until collected
+        rig.settle()
     torch.cuda.empty_cache()
-    return ProbeResult(b, peak, (not oom) and peak is not None and peak <= budget, seconds, oom)
+    snapshot.restore_weights()
+    fit = (not oom) and peak is not None and peak <= budget
+    return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
 
 
-def tracked_peak(fn: Callable[[], Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                 mode: Any = None) -> tuple[Any, int]:
-    """Run ``fn`` under torch's MemTracker: (its result, peak bytes of every tensor, model and optimizer included)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with mode if mode is not None else contextlib.nullcontext(), tracker:
-        out = fn()
-    snap = tracker.get_tracker_snapshot("peak")
-    return out, int(sum(v.get("Total", 0) for v in snap.values()))
-
-
-def probe_tracked(model, optimizer, sample, loss_fn, b, amp, device, budget, snapshot: Snapshot,
+def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snapshot],
                   fake_mode: Any = None) -> ProbeResult:
-    """CPU (or fake-tensor) probe: MemTracker accounts every tensor of the step."""
+    """CPU (or fake-tensor) probe: LiveBytes counts every storage and stops at the budget."""
+    meter = LiveBytes(int(budget * PROBE_MARGIN))
+    meter.track(rig.model, *rig.tracked())
+    phases: dict[str, int] = {}
+
+    def on_phase(name: str) -> None:
+        if name == "forward":
+            phases["static"] = meter.live
+            meter.reset_peak()
+        else:
+            phases["act"] = meter.peak
+
     t0 = time.perf_counter()
-    _, peak = tracked_peak(lambda: train_step(model, optimizer, sample, loss_fn, b, amp, device), model, optimizer,
-                           fake_mode)
+    oom = False
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        try:
+            with meter:
+                rig.step(sample, loss_fn, b, on_phase=on_phase)
+        except torch.OutOfMemoryError:
+            oom = True
+            rig.settle()
     seconds = time.perf_counter() - t0
-    if fake_mode is None:
+    if snapshot is not None:
         snapshot.restore_weights()
-    return ProbeResult(b, peak, peak <= budget, seconds, False)
+    peak = None if oom else max(meter.peak, phases["act"])
+    fit = peak is not None and peak <= budget
+    return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
+
+
+def steady_peak(fn: Callable[[], Any], *tracked: Any) -> tuple[Any, int]:
+    """Run ``fn`` under LiveBytes counting ``tracked`` first: (its result, peak bytes)."""
+    meter = LiveBytes().track(*tracked)
+    with meter:
+        out = fn()
+    return out, meter.peak

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaccum
-from helpers import free_port
-from gaccum.plan import balanced_window, search
-from gaccum.probe import ProbeResult, Snapshot, probe_tracked
+from helpers import free_port, largest_under, steady_state_peak
+from gaccum.probe import ProbeResult
+from gaccum.search import balanced_window, search
 
 
 @pytest.fixture(autouse=True)
@@ -162,58 +162,36 @@ def high_knee_factory():  # a big head, small activations: peak is flat up to b 
     return model, sample, loss
 
 
-def _exhaustive_real(model, sample, loss, opt, budget, cap):
-    snap = Snapshot(model, opt)
-    fits = []
-    for b in range(1, cap + 1):
-        r = probe_tracked(model, opt, sample, loss, b, None, torch.device("cpu"), budget, snap)
-        fits.append(r.fit)
-    snap.restore()
-    return max([b for b, f in zip(range(1, cap + 1), fits) if f], default=0)
+def _truth(factory, budget, cap, make_opt=lambda ps: torch.optim.AdamW(ps, lr=1e-3)):
+    """The largest b whose plain training loop stays under budget in steady state.
+
+    Measured by the CPU allocator's events; for convolutions (whose oneDNN
+    kernels take scratch no tensor holds, which the CPU planner does not count)
+    by torch's MemTracker.
+    """
+    measure = "memtracker" if factory in (conv_factory, high_knee_factory) else "allocator"
+
+    def peak_of(b):
+        model, sample, loss = factory()
+        return steady_state_peak(model, make_opt(model.parameters()), sample, loss, b, measure=measure)
+
+    return largest_under(peak_of, budget, cap)
 
 
 @pytest.mark.parametrize("factory,limit", [(wide_input_factory, 7 << 20), (conv_factory, 3 << 20),
                                            (high_knee_factory, 7 << 20), (high_knee_factory, int(4.6 * 2**20))])
-def test_plan_on_cpu_equals_exhaustive_scan(factory, limit):
+def test_plan_on_cpu_equals_an_independent_steady_state_measure(factory, limit):
     model, sample, loss = factory()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # fresh: no state yet, as in the documented flow
     cap = 96
     p = gaccum.plan(model, target_bs=cap, sample=sample, loss_fn=loss, optimizer=opt, memory_limit=limit, headroom=0,
                     cache=False)
-    truth = _exhaustive_real(model, sample, loss, opt, limit, cap)
+    truth = _truth(factory, limit, cap)
     assert 1 <= truth < cap, "the budget should make accumulation necessary"
     assert p.max_micro_batch == truth
     assert any(r.batch == truth and r.fit for r in p.probes) and any(r.batch == truth + 1 and not r.fit for r in p.probes)
-    assert len(p.probes) <= 10  # real peaks bend near the knee; the simulated cases above need <= 5
+    assert len(p.probes) <= 8  # the issue's worst case; a curve that bends near the knee takes the most
     assert p.effective_batch_size == cap and sum(p.window) == cap and max(p.window) <= truth
-
-
-def test_probe_peak_is_the_peak_of_an_accumulation_window():
-    """Micro-steps after the first run their forward with the window's gradients
-    allocated; a probe must measure that, not the lighter first micro-step."""
-    from gaccum.probe import tracked_peak
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 10))
-    opt = torch.optim.AdamW(model.parameters())
-    sample = lambda b: (torch.randn(b, 512), torch.randint(0, 10, (b,)))  # noqa: E731
-    loss = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])  # noqa: E731
-    b = 4096  # activations dominate: above the knee
-    probe = probe_tracked(model, opt, sample, loss, b, None, torch.device("cpu"), 1 << 40, Snapshot(model, opt))
-    acc = gaccum.Accumulator(model, opt, accum_steps=3)
-    peaks = []
-
-    def micro_step():
-        batch = sample(b)
-        with acc.accumulate():
-            acc.backward(loss(model, batch))
-
-    for _ in range(3):
-        peaks.append(tracked_peak(micro_step, model, opt)[1])
-    grads = sum(p.numel() * 4 for p in model.parameters())
-    assert peaks[1] >= peaks[0] + grads  # the later micro-steps really are heavier
-    # equal up to the Accumulator's own scalars (a few bytes); the old probe was short by the gradients (~10%)
-    assert abs(probe.peak - max(peaks)) <= 1e-3 * max(peaks)
 
 
 def _state(model, opt):
@@ -258,7 +236,7 @@ def test_target_that_fits_gives_one_step_and_b1_that_does_not_fit_explains():
     model, sample, loss = mlp_factory()
     p = gaccum.plan(model, target_bs=8, sample=sample, loss_fn=loss, memory_limit="1GiB", cache=False)
     assert p.accum_steps == 1 and p.micro_batch_size == 8 and len(p.probes) == 2
-    with pytest.raises(gaccum.PlanError, match=r"peak .* at b=1.*checkpointing.*bf16"):
+    with pytest.raises(gaccum.PlanError, match=r"at b=1.*weights, gradients, optimizer state alone take .*checkpointing.*bf16"):
         gaccum.plan(model, target_bs=8, sample=sample, loss_fn=loss, memory_limit="10KB", cache=False)
 
 

@@ -1,0 +1,69 @@
+"""The plan cache: a plan found once is reused while nothing that changes the answer changed.
+
+The key holds everything the probes' outcome depends on: the model's structure,
+parameter shapes, dtypes and which are trainable, gradient checkpointing where
+the model says (Hugging Face's ``is_gradient_checkpointing``), the batch's
+shapes, the optimizer's kind and hyper-parameters, the master-gradient choice,
+AMP, the device, limit, headroom, world size, the window's shape, the
+objective, and the torch and gaccum versions. The optimizer's current state is
+not in it: probes always run with the state warm, so it does not change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def cache_path() -> Path:
+    from ._ext import cache_dir
+
+    return cache_dir() / "plans.json"
+
+
+def checkpointing(model: nn.Module) -> Any:
+    """What the model says about gradient checkpointing, for every submodule that says it."""
+    seen = []
+    for name, m in model.named_modules():
+        flag = getattr(m, "is_gradient_checkpointing", None)
+        if isinstance(flag, bool):
+            seen.append((name, flag))
+        elif getattr(m, "gradient_checkpointing", None) in (True, False):
+            seen.append((name, bool(m.gradient_checkpointing)))
+    return seen
+
+
+def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, **settings: Any) -> str:
+    from . import __version__
+
+    params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
+    blob = json.dumps([repr(model), params, checkpointing(model), type(optimizer).__name__,
+                       {k: repr(v) for k, v in optimizer.defaults.items()}, sorted(settings.items()),
+                       torch.__version__, __version__], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load(key: str) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(cache_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def store(key: str, plan_dict: dict[str, Any]) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[key] = plan_dict
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # a cache that cannot be written only costs probes next time
