@@ -2,7 +2,7 @@
 
 The key holds everything the probes' outcome depends on: the model's structure,
 parameter shapes, dtypes and which are trainable, gradient checkpointing where
-the model says (Hugging Face's ``is_gradient_checkpointing``), the batch's
+the model says (Hugging Face's ``is_gradient_checkpointing``, ``is_activation_checkpointing`` since 5), the batch's
 shapes, the optimizer's kind and hyper-parameters, the master-gradient choice,
 AMP, the device, limit, headroom, world size, the window's shape, the
 objective, and the torch and gaccum versions. The optimizer's current state is
@@ -31,7 +31,9 @@ def checkpointing(model: nn.Module) -> Any:
     """What the model says about gradient checkpointing, for every submodule that says it."""
     seen = []
     for name, m in model.named_modules():
-        flag = getattr(m, "is_gradient_checkpointing", None)
+        # transformers 5 renamed the flag; asking for the old name there warns
+        attr = "is_activation_checkpointing" if hasattr(type(m), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        flag = getattr(m, attr, None)
         if isinstance(flag, bool):
             seen.append((name, flag))
         elif getattr(m, "gradient_checkpointing", None) in (True, False):

@@ -12,7 +12,7 @@ peak is known. Probes report the forward + backward peak separately
 2. Two fitting points give the line; its answer is probed, then its neighbour
    proves it the largest (b fits, b + 1 does not).
 3. A line whose two points did not change since it was last used says nothing
-   new: the bracket is split instead. After two estimates in a row that did
+   new: the bracket is split instead. After three estimates in a row that did
    not halve the bracket, one split guarantees progress (real curves bend).
 
 A probe that went over the budget measured its peak if it ended within the
@@ -95,7 +95,7 @@ def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Opt
         if key not in used:
             used.add(key)
             est = _estimate(results, budget, flat, lo, cap)
-        if est is not None and slow >= 3:
+        if est is not None and slow >= 3 and est > lo + 1:  # never skip a confirmation of lo
             est, slow = None, 0
         if est is None:
             if hi > cap or (overshot and lo * 4 < hi):

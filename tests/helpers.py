@@ -125,6 +125,9 @@ def steady_state_peak(model, opt, sample, loss_fn, b, windows=2, accum=2, measur
         window()
     if measure == "memtracker":  # one tracker per call: MemTracker follows one forward at a time
         return max(memtracker_peak(fn, model, opt)[1] for fn in [micro] * accum + [step])
+    # The last batch is dropped first: the profiler reports freeing a block it saw allocated in an
+    # earlier session, which would make this window's count short by a batch.
+    held.clear()
     return allocator_peak(window, model, opt)[1]
 
 
