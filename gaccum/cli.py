@@ -32,29 +32,63 @@ def load_factory(spec: str) -> Any:
     return getattr(module, name)
 
 
+FACTORY_RETURNS = (
+    "a factory must return (model, sample, loss_fn) or (model, sample, loss_fn, optimizer), or a dict with "
+    "'model', 'sample' (b -> a batch of b samples, the longest the data holds) and 'loss_fn' "
+    "((model, batch) -> scalar loss), optionally 'optimizer'"
+)
+
+
+def _unpack(made: Any) -> tuple:
+    import torch
+
+    if isinstance(made, dict):
+        missing = [k for k in ("model", "sample", "loss_fn") if k not in made]
+        if missing:
+            raise ValueError(f"gaccum: the factory's dict has no {', '.join(map(repr, missing))}; {FACTORY_RETURNS}")
+        return made["model"], made["sample"], made["loss_fn"], made.get("optimizer")
+    if isinstance(made, torch.nn.Module) or not isinstance(made, (tuple, list)) or not 3 <= len(made) <= 4:
+        got = type(made).__name__ + (f" of {len(made)}" if isinstance(made, (tuple, list)) else "")
+        raise ValueError(f"gaccum: the factory returned a {got}; {FACTORY_RETURNS}")
+    return tuple(list(made) + [None])[:4]
+
+
+def _headroom(text: str) -> Any:
+    """'0.1' is a fraction, '512MiB' or '1048576' bytes: the same rule as plan(headroom=...)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import plan
 
     factory = load_factory(args.factory)
-    made = factory()
-    if isinstance(made, dict):
-        model, sample, loss_fn, opt = made["model"], made["sample"], made["loss_fn"], made.get("optimizer")
-    else:
-        model, sample, loss_fn, opt = (list(made) + [None])[:4]
+    model, sample, loss_fn, opt = _unpack(factory())
     p = plan(model, target_bs=args.target_bs, sample=sample, loss_fn=loss_fn, optimizer=opt, amp=args.amp,
-             device=args.device, memory_limit=args.memory_limit, uneven=args.uneven, refresh=args.refresh,
-             objective=args.objective)
+             device=args.device, memory_limit=args.memory_limit, headroom=_headroom(args.headroom),
+             uneven=args.uneven, refresh=args.refresh, objective=args.objective, soak=args.soak)
     print(json.dumps(p.to_dict(), indent=2) if args.json else p)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="gaccum", description="Plan micro-batches and accumulate gradients exactly.")
+    parser.add_argument("--version", action="version", version=f"gaccum {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("plan", help="find the largest micro-batch that fits and the accumulation window")
     pp.add_argument("factory", help="MODULE_OR_FILE:FACTORY returning (model, sample, loss_fn, optimizer)")
     pp.add_argument("--target-bs", type=int, required=True)
     pp.add_argument("--memory-limit", default=None, help="e.g. 8GiB (required on CPU)")
+    pp.add_argument("--headroom", default="0.05", help="kept free: a fraction (0.05) or bytes (512MiB); default 0.05")
+    pp.add_argument("--soak", type=int, default=0, help="train N real micro-steps at the chosen size first")
     pp.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     pp.add_argument("--device", default=None, help="'meta' to estimate without the device")
     pp.add_argument("--uneven", action="store_true", help="full micro-batches and a short last one")
@@ -68,9 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(pd)
     pd.set_defaults(fn=run_demo)
     args = parser.parse_args(argv)
+    from .plan import PlanError
+
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

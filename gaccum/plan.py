@@ -203,8 +203,7 @@ def _cuda_limit(device: torch.device, memory_limit: Any) -> tuple[int, int, Opti
         note = "expandable segments: reserved memory follows allocations closely, peaks are read as such"
     if memory_limit is None:
         return int(free + reserved), 0, note
-    limit = parse_bytes(memory_limit)
-    return limit, min(outside, limit // 2), note
+    return parse_bytes(memory_limit), outside, note
 
 
 def _peak_at(b: int, probes: list[ProbeResult]) -> tuple[Optional[int], bool]:
@@ -315,7 +314,10 @@ def plan(
             allowance = int(ESTIMATE_ALLOWANCE_FRACTION * limit)
     budget = limit - head - allowance
     if budget <= 0:
-        raise ValueError(f"gaccum: nothing of the {format_bytes(limit)} limit is left after headroom and allowance")
+        raise ValueError(
+            f"gaccum: nothing of the {format_bytes(limit)} limit is left after {format_bytes(head)} headroom and "
+            f"{format_bytes(allowance)} used outside torch's allocator (or reserved for an estimate); raise memory_limit"
+        )
     if world > 1:
         # Every rank searches with the smallest budget, so their decisions never diverge.
         budget = int(all_reduce_scalars([budget], model_device, op=dist.ReduceOp.MIN)[0])

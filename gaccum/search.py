@@ -97,6 +97,10 @@ def search(probe: Callable[[int], ProbeResult], cap: int, budget: int, seed: Opt
             est = _estimate(results, budget, flat, lo, cap)
         if est is not None and slow >= 3 and est > lo + 1:  # never skip a confirmation of lo
             est, slow = None, 0
+        if est is not None and hi in results and results[hi].peak is None and est > lo * 4:
+            # The bound above went so far over that it measured nothing: a line that aims past
+            # four times what fits is extrapolating a slope that bends; grow geometrically.
+            est = lo * 4
         if est is None:
             if hi > cap or (overshot and lo * 4 < hi):
                 # No bracket yet, or a line from the left overshot so far that nothing was measured

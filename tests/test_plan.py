@@ -326,7 +326,7 @@ def _plan_worker(rank, port, limits, out, cache_dir):
         p = gaccum.plan(model, target_bs=192, sample=sample, loss_fn=loss, memory_limit=limits[rank], headroom=0,
                         cache=False)
         out[rank] = (p.micro_batch_size, p.accum_steps, p.effective_batch_size, p.max_micro_batch, p.world_size,
-                     [r.batch for r in p.probes])
+                     [r.batch for r in p.probes], p.budget, "the smallest rank's, used by all" in str(p))
     finally:
         dist.destroy_process_group()
 
@@ -337,8 +337,9 @@ def test_two_ranks_with_different_budgets_agree_on_the_minimum(tmp_path):
     mp.start_processes(_plan_worker, args=(free_port(), limits, out, str(tmp_path)), nprocs=2, start_method="spawn",
                        join=True)
     assert out[0] == out[1]  # never diverged: same probes, same answer
-    micro, steps, eff, mx, world, _ = out[0]
+    micro, steps, eff, mx, world, _, budget, said = out[0]
     assert world == 2 and eff == 192 and micro * steps * 2 == 192
+    assert budget == min(limits) and said  # the table shows the budget every rank planned with
     model, sample, loss = conv_factory()
     alone = [gaccum.plan(model, target_bs=96, sample=sample, loss_fn=loss, memory_limit=lim, headroom=0,
                          cache=False).max_micro_batch for lim in limits]
@@ -371,3 +372,25 @@ def test_cli_plan_prints_table_and_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gaccum.cli", "plan", f"{f}:make", "--target-bs", "256"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "memory_limit is required" in r.stderr
+
+
+def test_cli_plan_error_factory_shape_headroom_and_version(tmp_path):
+    f = tmp_path / "fac.py"
+    f.write_text(FACTORY + "\ndef only_model():\n    return make()[0]\n")
+    env = {**os.environ, "GACCUM_CACHE_DIR": str(tmp_path / "c")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gaccum.cli", *args], capture_output=True, text=True, env=env)
+
+    r = cli("plan", f"{f}:make", "--target-bs", "256", "--memory-limit", "64KiB")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not fit" in r.stderr and "What would help" in r.stderr
+    r = cli("plan", f"{f}:only_model", "--target-bs", "256", "--memory-limit", "2MiB")
+    assert r.returncode == 2 and "returned a Sequential" in r.stderr and "(model, sample, loss_fn)" in r.stderr
+    r = cli("plan", f"{f}:make", "--target-bs", "256", "--memory-limit", "2MiB", "--headroom", "256KiB", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["headroom"] == 256 << 10
+    r = cli("plan", f"{f}:make", "--target-bs", "256", "--memory-limit", "2MiB", "--headroom", "1.0")
+    assert r.returncode == 2 and "fraction" in r.stderr
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"gaccum {gaccum.__version__}"
