@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -31,6 +32,13 @@ from .autosplit import MemoryBudget, TouchTracker, check_memory_limit, halves, i
 from .batch import batch_size, batch_tensors, split_batch
 from .master import HALF, MasterGrads, MasterWeights
 from .schedule import AccumulationSchedule, as_schedule, rescale_lr
+
+
+def grads_finite(grads: list[torch.Tensor]) -> bool:
+    """One fused pass over the window's gradients at the boundary (a single sync), not one per micro-step."""
+    if not grads:
+        return True
+    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,7 @@ class _Engine:
         # What Accumulator.micro_batch() learned from out-of-memory errors: the largest piece that runs.
         self.micro_batch_limit: Optional[int] = None
         self.oom_splits = 0
+        self._warned_nonfinite = False
         self.callbacks: list[Callable[[StepResult, "_Engine"], None]] = []
         # Called with the engine once the window's gradient is final (reduced,
         # corrected, unscaled) and before the optimizer steps: verify() reads it.
@@ -301,13 +310,12 @@ class _Engine:
         else:
             for fn in self.pre_step_hooks:
                 fn(self)
-            if self.masters is not None and float(self.masters.found_inf) > 0:
-                skipped = True
-                warnings.warn(
-                    "gaccum: inf/NaN in the accumulated gradient without a GradScaler; this window is discarded",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            if self.masters is not None:
+                skipped = float(self.masters.found_inf) > 0
+            else:
+                skipped = not grads_finite([p.grad for p in opt_params if p.grad is not None])
+            if skipped:
+                self.warn_nonfinite()
             if not skipped:
                 if self.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
@@ -328,6 +336,17 @@ class _Engine:
         for cb in self.callbacks:
             cb(result, self)
         return result
+
+    def warn_nonfinite(self) -> None:
+        """One rule on every path without a GradScaler: an inf/NaN window is discarded, counted, said once."""
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "gaccum: inf/NaN in the accumulated gradient and no GradScaler; the window is discarded and counted "
+                "in skipped_steps (StepResult.skipped). This warning is shown once",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def discard(self) -> None:
         """Drop the window: gradients, counts and flags; weights untouched."""
@@ -487,14 +506,23 @@ class Accumulator:
         self.model = model
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         inner = model.module if self.ddp else model
+        first = next(inner.parameters(), None)
+        self.memory_limit = check_memory_limit(memory_limit, first.device if first is not None else None)
+        if getattr(optimizer, "_gaccum_hook", None) is not None:
+            raise RuntimeError("gaccum: this optimizer already has a gaccum hook; call .remove() on it, or use the "
+                               "hook alone")
+        holder = getattr(optimizer, "_gaccum_accumulator", None)
+        if holder is not None and holder() is not None:
+            raise RuntimeError("gaccum: this optimizer already has a gaccum Accumulator; call .close() on it first "
+                               "(one Accumulator per optimizer)")
         self.engine = _Engine(
             list(inner.parameters()), optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
             max_grad_norm=max_grad_norm, master_grads=master_grads, nonfinite=nonfinite, distributed=self.ddp,
         )
         self.engine.window = window
+        optimizer._gaccum_accumulator = weakref.ref(self)  # type: ignore[attr-defined]
         self.drop_last = drop_last
         self.on_oom = on_oom
-        self.memory_limit = check_memory_limit(memory_limit, self.engine.params[0].device)
         self.peak_memory: Optional[int] = None  # the last micro_batch()'s peak under memory_limit
         self._touch: Optional[TouchTracker] = None
         self.engine.callbacks.extend(callbacks)
@@ -786,6 +814,9 @@ class Accumulator:
 
     def close(self) -> None:
         """Remove hooks and give the optimizer its original parameters back."""
+        holder = getattr(self.engine.optimizer, "_gaccum_accumulator", None)
+        if holder is not None and holder() is self:
+            self.engine.optimizer._gaccum_accumulator = None  # type: ignore[attr-defined]
         if self._touch is not None:
             self._touch.remove()
             self._touch = None

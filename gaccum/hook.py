@@ -1,12 +1,20 @@
 """A drop-in for a training loop the user will not change.
 
 ``gaccum.hook(optimizer, accum_steps=N)`` makes the usual
-``loss.backward(); optimizer.step(); optimizer.zero_grad()`` on every
-micro-batch accumulate correctly: gradients are summed across calls, the real
-step runs every N-th call with the sum divided by N, and ``zero_grad`` no longer
-destroys the window. With ``scaler=`` the GradScaler calls in the loop are
-routed the same way (unscale and update once per window); with ``scheduler=``
-its ``step()`` only advances after a real optimizer step.
+``loss.backward(); [clip]; optimizer.step(); optimizer.zero_grad()`` on every
+micro-batch accumulate correctly. The window lives where no ``zero_grad`` (the
+optimizer's or ``model.zero_grad()``) reaches it: as backward produces each
+gradient (``register_post_accumulate_grad_hook``), it is moved out of ``.grad``
+into the hook's own buffer. In the window's last backward it is moved back,
+already divided by N, so the user's own ``scaler.unscale_``, clip and step see
+the window's whole gradient, as in large-batch training; between boundaries
+``.grad`` is empty, so a clip every micro-step clips nothing, and
+``scaler.unscale_`` / ``scaler.update`` wait for the boundary. With
+``scheduler=`` its ``step()`` only advances after a real optimizer step, and
+``flush()`` steps it too. Half-precision parameters keep FP32 master gradients
+(master.py); there a clip must be ``max_grad_norm=`` (the model's ``.grad`` stays
+empty). Under DDP the hook refuses: it cannot see the model's forward, so it
+cannot keep DDP from reducing every micro-step; the Accumulator can.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from .accumulate import StepResult, _Engine
+from ._dist import world_size
+from .accumulate import StepResult, _Engine, grads_finite
 from .schedule import AccumulationSchedule
 
 
@@ -34,6 +43,14 @@ class AccumulationHook:
     ) -> None:
         if getattr(optimizer, "_gaccum_hook", None) is not None:
             raise RuntimeError("gaccum: this optimizer already has a gaccum hook; call .remove() on it first")
+        holder = getattr(optimizer, "_gaccum_accumulator", None)
+        if holder is not None and holder() is not None:
+            raise RuntimeError("gaccum: this optimizer is already driven by a gaccum Accumulator; use one or the other")
+        if world_size() > 1:
+            raise ValueError(
+                "gaccum: hook() under torch.distributed cannot keep DDP from reducing on every micro-step (it never "
+                "sees the forward); use gaccum.Accumulator(ddp_model, optimizer, ...), which runs no_sync"
+            )
         params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
         self.engine = _Engine(params, optimizer, accum_steps, scaler=scaler, max_grad_norm=max_grad_norm,
                               master_grads=master_grads)
@@ -45,14 +62,23 @@ class AccumulationHook:
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
         self.scheduler = scheduler
         self._stepping = False
+        self._did_step = False
+        self._update_due = False
+        self._unscaled = False
         self._scheduler_pending = 0
         self._orig: list[tuple[Any, str, Any]] = []
+        # Without masters the window lives here, out of zero_grad's reach (see the module docstring).
+        self.window: dict[torch.Tensor, torch.Tensor] = {}
+        self._moved_back: set[torch.Tensor] = set()
+        self._handles = ([] if self.engine.masters is not None else
+                         [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.engine.params])
         def step(*args: Any, **kwargs: Any) -> Any:
             return self._optimizer_step(*args, **kwargs)
 
         step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # LR schedulers check for it
         self._patch(optimizer, "step", step)
-        self._patch(optimizer, "zero_grad", self._zero_grad)
+        if self.engine.masters is not None:
+            self._patch(optimizer, "zero_grad", self._zero_grad)
         if self.scaler is not None:
             self._patch(self.scaler, "step", self._scaler_step)
             self._patch(self.scaler, "update", self._scaler_update)
@@ -88,12 +114,91 @@ class AccumulationHook:
         """For a schedule by epoch: call at the start of each epoch (takes effect between windows)."""
         self.engine.set_epoch(epoch)
 
+    # -- the window, out of .grad ---------------------------------------------
+    def _last_micro(self) -> bool:
+        return self.engine.micro + 1 >= self.engine.accum_steps
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """After autograd accumulated p's gradient: into the window, or (last micro-step) the window back."""
+        if p.grad is None or self._stepping:
+            return
+        held = self.window.get(p)
+        if self._last_micro():
+            if p in self._moved_back:
+                return  # a second backward in the same micro-step: its gradient is simply added
+            if held is not None:
+                p.grad.add_(held)
+                del self.window[p]
+            p.grad.div_(self.engine.micro + 1)
+            self._moved_back.add(p)
+            return
+        if held is None:
+            self.window[p] = p.grad  # steal the tensor: nothing copied
+        else:
+            held.add_(p.grad)
+        p.grad = None
+
+    def _window_to_grad(self, k: int) -> None:
+        """What is still in the window (a partial one, or parameters the last backward did not reach)."""
+        with torch.no_grad():
+            for p, held in self.window.items():
+                if p.grad is None:
+                    p.grad = held.div_(k)
+                else:
+                    p.grad.add_(held.div_(k))
+        self.window = {}
+
     def _micro_end(self) -> StepResult:
         eng = self.engine
+        if eng.masters is not None:
+            eng.end_micro(1.0, synced=True)
+            if eng.micro >= eng.accum_steps:
+                return self._boundary(partial=False)
+            return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+        last = self._last_micro()
         eng.end_micro(1.0, synced=True)
-        if eng.micro >= eng.accum_steps:
-            return self._boundary(partial=False)
-        return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+        if not last:
+            return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+        return self._real_step(eng.micro)
+
+    def _real_step(self, k: int) -> StepResult:
+        """The window's mean gradient is in .grad: the user's unscale/clip may already have run; step it."""
+        eng = self.engine
+        self._window_to_grad(k)
+        self._moved_back = set()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm, scale, skipped = None, None, False
+        self._stepping, self._did_step = True, False
+        try:
+            if self.scaler is not None:
+                scale = float(self.scaler.get_scale())
+                if eng.max_grad_norm is not None:
+                    if not self._unscaled:
+                        self._original(self.scaler, "unscale_")(self.optimizer)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
+                self._original(self.scaler, "step")(self.optimizer)
+                skipped = not self._did_step
+                self._update_due = True
+            else:
+                if not grads_finite(grads):
+                    skipped = True
+                    eng.warn_nonfinite()
+                else:
+                    if eng.max_grad_norm is not None:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
+                    self._original(self.optimizer, "step")()
+        finally:
+            self._stepping = False
+            self._unscaled = False
+        if skipped:
+            eng.skipped_steps += 1
+        else:
+            eng.optimizer_steps += 1
+            self._scheduler_pending += 1
+        eng.discard()
+        return StepResult(stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm,
+                          loss_scale=scale, micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
 
     def _boundary(self, partial: bool) -> StepResult:
         self._stepping = True
@@ -115,6 +220,7 @@ class AccumulationHook:
 
     def _optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._stepping:
+            self._did_step = True
             return self._original(self.optimizer, "step")(*args, **kwargs)
         return self._micro_end()
 
@@ -129,11 +235,17 @@ class AccumulationHook:
         return self._micro_end()
 
     def _scaler_update(self, new_scale: Any = None) -> None:
-        return None  # the engine updates once per real step
+        if self._update_due:  # right after a real step: the scaler's own update, once per window
+            self._update_due = False
+            self._original(self.scaler, "update")(new_scale)
 
     def _scaler_unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer is not self.optimizer:
+        if optimizer is not self.optimizer or (self._stepping and not self._unscaled):
+            self._original(self.scaler, "unscale_")(optimizer)  # GradScaler.step's own call lands here too
+        elif self.engine.masters is None and self._last_micro() and self._moved_back:
+            # The window's whole gradient is in .grad (nanoGPT's unscale_, clip, step): unscale it for the clip.
             self._original(self.scaler, "unscale_")(optimizer)
+            self._unscaled = True
 
     def _scheduler_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._scheduler_pending > 0:
@@ -142,16 +254,28 @@ class AccumulationHook:
         return None
 
     def flush(self, drop: bool = False) -> Optional[StepResult]:
-        """Step (or drop) a partial last window, weighted by its real length."""
+        """Step (or drop) a partial last window, weighted by its real length; the scheduler follows."""
         if self.engine.micro == 0:
             return None
         if drop:
+            self.window, self._moved_back = {}, set()
             self.engine.discard()
             return None
-        return self._boundary(partial=True)
+        if self.engine.masters is not None:
+            result = self._boundary(partial=True)
+        else:
+            result = self._real_step(self.engine.micro)
+            if self._update_due:
+                self._scaler_update()
+        if self.scheduler is not None and self._scheduler_pending > 0:
+            self._scheduler_step()  # the loop that would have stepped it has ended
+        return result
 
     def remove(self) -> None:
         """Restore every patched method and the optimizer's original parameters."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         for obj, name, _ in reversed(self._orig):
             if name in vars(obj):
                 delattr(obj, name)

@@ -107,6 +107,7 @@ def test_schedule_survives_a_checkpoint():
     acc = gaccum.Accumulator(model, opt, accum_steps=gaccum.AccumulationSchedule({0: 2, 3: 5}, by="epoch"))
     acc.set_epoch(4)
     state = acc.state_dict()
+    acc.close()  # one Accumulator per optimizer at a time
     again = gaccum.Accumulator(model, opt, accum_steps=gaccum.AccumulationSchedule({0: 2, 3: 5}, by="epoch"))
     again.load_state_dict(state)
     assert again.accum_steps == 5 and again.epoch == 4

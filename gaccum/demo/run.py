@@ -244,7 +244,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{summary['baseline']['final_loss']:.3f}, {small['samples'] / small['seconds']:.0f} samples/s, max peak "
           f"{format_bytes(max(small['micro_peaks']))}")
     if device.type == "cpu":
-        print("  (CPU: both runs take every micro-step under torch's MemTracker, which enforces the budget; "
+        print("  (CPU: both runs take every micro-step under gaccum's live-tensor accounting, which enforces the budget; "
               "their samples/s compare with each other, not with untracked training)")
     print(f"  note:        with equal samples the baseline takes {small['optimizer_steps'] / max(big['optimizer_steps'], 1):.0f}x "
           "the optimizer steps; accumulation gives the large batch's training (the reference line) within the "
