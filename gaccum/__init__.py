@@ -12,6 +12,7 @@ from .plan import Plan, PlanError, plan
 from .probe import ProbeResult
 from .schedule import AccumulationSchedule
 from .verify import VerifyReport, verify
+from .window_data import WindowBatchSampler, window_loader
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "ProbeResult",
     "StepResult",
     "VerifyReport",
+    "WindowBatchSampler",
     "hook",
     "format_bytes",
     "num_optimizer_steps",
@@ -32,4 +34,5 @@ __all__ = [
     "scale_lr",
     "unscale_check_accumulate_",
     "verify",
+    "window_loader",
 ]

@@ -529,6 +529,10 @@ class Accumulator:
         self._in_micro = False
         self._backward_done = False
         self._synced_this_micro = False
+        self._fed_size: Optional[int] = None
+        self._warned_size = False
+        self._size_hook = (inner.register_forward_pre_hook(self._record_size, with_kwargs=True)
+                           if window is not None else None)
         if warn_batchnorm:
             names = batch_norm_layers(inner)
             if names:
@@ -616,11 +620,19 @@ class Accumulator:
         ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
         self._in_micro, self._backward_done, self._synced_this_micro = True, False, sync
         self._last_flag = bool(last)
+        self._fed_size = None
+        self._backward_called = False
         try:
             with ctx:
                 yield self
         finally:
             self._in_micro = False
+        if not self._backward_called:
+            raise RuntimeError(
+                "gaccum: the accumulate() block ended without acc.backward(loss). A plain loss.backward() adds to "
+                "the gradients but never reaches the window's count, so no optimizer step would ever come; call "
+                "acc.backward(loss) (or acc.backward(loss, num_items=n)) inside the block"
+            )
 
     def backward(self, loss: torch.Tensor, num_items: Optional[int | float | torch.Tensor] = None) -> StepResult:
         """Backward of one micro-batch's mean loss; steps when the window is full.
@@ -631,11 +643,14 @@ class Accumulator:
         """
         if not self._in_micro:
             raise RuntimeError("gaccum: call acc.backward(loss) inside `with acc.accumulate():`")
+        self._backward_called = True
         if self._backward_done:
             raise RuntimeError("gaccum: backward() was already called in this accumulate() block; one per micro-batch")
         _check_loss(loss)
         eng = self.engine
         n = self._default_items() if num_items is None else _check_items(num_items)
+        if num_items is None and self._fed_size is not None and eng.plan_window() is not None and self._fed_size != n:
+            self._warn_fed_size(int(n))
         if self._skip_nonfinite(loss):
             self._backward_done = True
             return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
@@ -644,6 +659,28 @@ class Accumulator:
         self._weighted_backward(loss, n)
         self._backward_done = True
         return self._end_micro(n, self._synced_this_micro, self._last_flag)
+
+    def _record_size(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """The size of the micro-batch the model is fed (its first forward in an accumulate() block)."""
+        if self._in_micro and self._fed_size is None:
+            try:
+                self._fed_size = batch_size((args, kwargs))
+            except ValueError:
+                self._fed_size = None
+
+    def _warn_fed_size(self, expected: int) -> None:
+        if self._warned_size:
+            return
+        self._warned_size = True
+        warnings.warn(
+            f"gaccum: the model was fed a micro-batch of {self._fed_size} samples where the plan's window "
+            f"({' + '.join(map(str, self.engine.window or []))}) has {expected}; without num_items each micro-batch "
+            "is weighted as the plan's size, so the window is no longer the mean over its samples. Feed the plan's "
+            "window with plan.loader(dataset) (or gaccum.window_loader), pass num_items=, or use acc.micro_batch(), "
+            "which weighs every batch by its size. Shown once",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
         """True when a non-finite loss is to be skipped; raises under nonfinite='raise'."""
@@ -701,7 +738,8 @@ class Accumulator:
         sync = is_last and eng.masters is None
         if self._touch is None and self.on_oom == "split" and not self.ddp:
             self._touch = TouchTracker(eng.params, eng.masters)
-        run = _Run(size=size, n_full=self._default_items(), loss_fn=loss_fn)
+        # gaccum sees the batch here: every micro-batch weighs what it holds (a short last one too)
+        run = _Run(size=size, n_full=float(size), loss_fn=loss_fn)
         limit = eng.micro_batch_limit
         pieces = [batch] if limit is None or size <= limit else split_batch(batch, limit)
         self.peak_memory = None
@@ -713,8 +751,7 @@ class Accumulator:
             self._in_micro = False
         if run.pieces == 0:  # every piece had a non-finite loss and was skipped
             return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
-        if run.items_mode:
-            eng.items_mode = True
+        eng.items_mode = True  # real counts: under DDP the window's total is summed over ranks
         return self._end_micro(run.items, sync, bool(last))
 
     def _piece(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
@@ -814,6 +851,9 @@ class Accumulator:
 
     def close(self) -> None:
         """Remove hooks and give the optimizer its original parameters back."""
+        if self._size_hook is not None:
+            self._size_hook.remove()
+            self._size_hook = None
         holder = getattr(self.engine.optimizer, "_gaccum_accumulator", None)
         if holder is not None and holder() is self:
             self.engine.optimizer._gaccum_accumulator = None  # type: ignore[attr-defined]

@@ -78,6 +78,17 @@ class Plan:
             return self.agreed_budget
         return self.memory_limit - self.headroom - self.allowance
 
+    def loader(self, dataset: Any, **kwargs: Any) -> Any:
+        """A DataLoader whose micro-batches are this plan's window (52, 51, 51, 51, 51, ...), in turn.
+
+        ``DataLoader(batch_size=plan.micro_batch_size)`` would feed only full
+        micro-batches and overfill an uneven window. Keyword arguments go to
+        the DataLoader (``shuffle``, ``sampler``, ``drop_last``, ``num_workers``, ...).
+        """
+        from .window_data import window_loader
+
+        return window_loader(dataset, self.window, **kwargs)
+
     def scale_lr(self, base_lr: float, base_bs: int, rule: str = "linear") -> float:
         """LR for this plan's effective batch, given one tuned at ``base_bs``."""
         return _scale_lr(base_lr, base_bs, self.effective_batch_size, rule)
