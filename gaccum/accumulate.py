@@ -305,6 +305,8 @@ class _Engine:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
             found = sum(float(v) for v in self.scaler._found_inf_per_device(self.optimizer).values())
             skipped = found > 0
+            if self.master_weights is not None:
+                self.master_weights.refresh_stale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -319,6 +321,8 @@ class _Engine:
             if not skipped:
                 if self.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+                if self.master_weights is not None:
+                    self.master_weights.refresh_stale()
                 self.optimizer.step()
         if not skipped:
             if self.master_weights is not None:
@@ -401,11 +405,15 @@ class _Engine:
             state["master_grads"] = self.masters.flat.detach().clone()
             state["written"] = list(self.masters.written)
             state["master_weights"] = [w.detach().clone() for w in self.master_weights.weights]
+            # optimizer.state_dict() of a model with half parameters is cast to their dtype when loaded
+            # before the Accumulator exists: the FP32 state travels here too, so resume is exact
+            state["optimizer_fp32_state"] = self.master_weights.fp32_state()
         else:
             state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checks everything first, then assigns: a checkpoint that does not fit changes nothing."""
         keys = ("accum_steps", "micro", "items", "items_mode", "ref_total", "last_synced",
                 "optimizer_steps", "skipped_steps", "micro_steps", "skipped_micro_batches")
         missing = [k for k in keys if k not in state]
@@ -417,15 +425,26 @@ class _Engine:
             assert self.master_weights is not None
             if state["master_grads"].numel() != self.masters.flat.numel():
                 raise ValueError("gaccum: the checkpoint's master gradients do not match this model's parameters")
+            ws = self.master_weights.weights
+            if len(state["master_weights"]) != len(ws) or any(
+                    tuple(a.shape) != tuple(b.shape) for a, b in zip(state["master_weights"], ws)):
+                raise ValueError("gaccum: the checkpoint's master weights do not match this model's parameters")
+        else:
+            grads = state["grads"]
+            if len(grads) != len(self.params) or any(
+                    g is not None and tuple(g.shape) != tuple(p.shape) for g, p in zip(grads, self.params)):
+                raise ValueError("gaccum: the checkpoint's gradients do not match this model's parameters")
+        if self.masters is not None:
+            assert self.master_weights is not None
             with torch.no_grad():
                 self.masters.flat.copy_(state["master_grads"])
                 for w, src in zip(self.master_weights.weights, state["master_weights"]):
                     w.copy_(src)
+            if "optimizer_fp32_state" in state:
+                self.master_weights.load_fp32_state(state["optimizer_fp32_state"])
             self.masters.written = list(state["written"])
             self.master_weights.copy_back()
         else:
-            if len(state["grads"]) != len(self.params):
-                raise ValueError("gaccum: the checkpoint's gradients do not match this model's parameters")
             for p, g in zip(self.params, state["grads"]):
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
         for k in keys:

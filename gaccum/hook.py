@@ -25,6 +25,7 @@ import torch
 
 from ._dist import world_size
 from .accumulate import StepResult, _Engine, grads_finite
+from .master import _LIVE
 from .schedule import AccumulationSchedule
 
 
@@ -70,8 +71,12 @@ class AccumulationHook:
         # Without masters the window lives here, out of zero_grad's reach (see the module docstring).
         self.window: dict[torch.Tensor, torch.Tensor] = {}
         self._moved_back: set[torch.Tensor] = set()
+        self.params = self.engine.params
+        self.paused = False
         self._handles = ([] if self.engine.masters is not None else
                          [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.engine.params])
+        if self._handles:
+            _LIVE.add(self)
         def step(*args: Any, **kwargs: Any) -> Any:
             return self._optimizer_step(*args, **kwargs)
 
@@ -120,7 +125,7 @@ class AccumulationHook:
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         """After autograd accumulated p's gradient: into the window, or (last micro-step) the window back."""
-        if p.grad is None or self._stepping:
+        if p.grad is None or self._stepping or self.paused:
             return
         held = self.window.get(p)
         if self._last_micro():
@@ -276,6 +281,7 @@ class AccumulationHook:
         for h in self._handles:
             h.remove()
         self._handles = []
+        _LIVE.discard(self)
         for obj, name, _ in reversed(self._orig):
             if name in vars(obj):
                 delattr(obj, name)

@@ -11,13 +11,35 @@ the end of the backward pass. At most one bucket of half gradients is alive.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import weakref
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .ops import unscale_check_accumulate_
 
 HALF = (torch.float16, torch.bfloat16)
+
+# Everything that moves gradients out of .grad as backward produces them (MasterGrads, the hook's
+# window): verify() pauses those on its model so that its own passes leave a live window alone.
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def paused(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Pause every live gradient mover on ``params`` (after settling what it has pending)."""
+    wanted = {id(p) for p in params}
+    objs = [o for o in list(_LIVE) if any(id(p) in wanted for p in o.params)]
+    for o in objs:
+        if hasattr(o, "flush_pending"):
+            o.flush_pending()
+        o.paused = True
+    try:
+        yield
+    finally:
+        for o in objs:
+            o.paused = False
 
 
 class MasterGrads:
@@ -49,7 +71,9 @@ class MasterGrads:
         self._pending_bytes = 0
         self._callback_queued = False
         self.skip: frozenset = frozenset()
+        self.paused = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        _LIVE.add(self)
 
     # -- hooks ------------------------------------------------------------
     @property
@@ -62,7 +86,7 @@ class MasterGrads:
             self._inv_scale_value = value
 
     def _hook(self, p: torch.Tensor) -> None:
-        if p.grad is None:
+        if p.grad is None or self.paused:
             return
         if p in self.skip:  # already in from an attempt that ran out of memory (autosplit.py)
             p.grad = None
@@ -123,6 +147,7 @@ class MasterGrads:
         for h in self._handles:
             h.remove()
         self._handles = []
+        _LIVE.discard(self)
 
 
 class MasterWeights:
@@ -156,11 +181,46 @@ class MasterWeights:
                         for k, v in st.items()
                     }
         self.half_pairs = [(p, w) for p, w in zip(self.model_params, self.weights) if p is not w]
+        self._seen = self._marks()
+
+    def _marks(self) -> list[tuple[int, int]]:
+        """Each half parameter's in-place version and storage: what changes when someone else writes it."""
+        return [(p._version, p.data_ptr()) for p, _ in self.half_pairs]
+
+    def refresh_stale(self) -> int:
+        """Masters of half parameters written since the last copy-back (``load_state_dict``, ``p.data = ...``,
+        an EMA swap) are re-read from them, so the next step never writes old weights back. Returns how many."""
+        stale = [i for i, (m, now) in enumerate(zip(self._seen, self._marks())) if m != now]
+        if stale:
+            with torch.no_grad():
+                for i in stale:
+                    p, w = self.half_pairs[i]
+                    w.copy_(p.detach())
+            self._seen = self._marks()
+        return len(stale)
 
     def copy_back(self) -> None:
         if self.half_pairs:
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self.half_pairs], [w for _, w in self.half_pairs])
+            self._seen = self._marks()
+
+    def fp32_state(self) -> list[dict[str, torch.Tensor]]:
+        """The optimizer's FP32 state of each half parameter's master (a checkpoint keeps it unrounded)."""
+        out = []
+        for _, w in self.half_pairs:
+            st = self.optimizer.state.get(w, {})
+            out.append({k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v) and v.is_floating_point()
+                        and v.shape == w.shape})
+        return out
+
+    def load_fp32_state(self, states: list[dict[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for (_, w), saved in zip(self.half_pairs, states):
+                st = self.optimizer.state.get(w)
+                for k, v in saved.items():
+                    if st is not None and k in st:
+                        st[k].copy_(v)
 
     def restore(self) -> None:
         if not self._swapped:
@@ -170,5 +230,8 @@ class MasterWeights:
             group["params"] = [back.get(q, q) for q in group["params"]]
         for w, p in back.items():
             if w in self.optimizer.state:
-                self.optimizer.state[p] = self.optimizer.state.pop(w)
+                # the optimizer steps the model's own half parameters again: its state in their dtype
+                st = self.optimizer.state.pop(w)
+                self.optimizer.state[p] = {k: (v.to(p.dtype) if torch.is_tensor(v) and v.is_floating_point()
+                                               and v.shape == p.shape else v) for k, v in st.items()}
         self._swapped = {}

@@ -10,6 +10,7 @@ from torch import nn
 
 from ._checks import is_int
 from .accumulate import Accumulator
+from .master import paused
 from .batch import batch_size, split_batch
 
 # Largest relative difference (max |g_acc - g_big| / max |g_big|) accepted, by
@@ -65,16 +66,28 @@ def verify(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("gaccum: the model has no trainable parameters")
+    n = batch_size(batch)
+    if micro_batch_size > n:
+        raise ValueError(f"gaccum: micro_batch_size={micro_batch_size} is larger than the batch ({n} samples); "
+                         "verify compares the batch in one pass with the same batch split into micro-batches")
     names = {p: n for n, p in model.named_parameters()}
+    with paused(params):  # a live Accumulator or hook on this model keeps its window untouched
+        return _verify(model, loss_fn, batch, micro_batch_size, params, names, n, num_items_fn, train_mode, tolerance)
+
+
+def _verify(model, loss_fn, batch, micro_batch_size, params, names, n, num_items_fn, train_mode, tolerance):
     saved_grads = [p.grad for p in params]
     was_training = model.training
     model.train(train_mode)
-    n = batch_size(batch)
     micro = split_batch(batch, micro_batch_size)
     try:
         for p in params:
             p.grad = None
-        loss_fn(model, batch).backward()
+        whole = loss_fn(model, batch)
+        if not isinstance(whole, torch.Tensor) or whole.numel() != 1:
+            shape = tuple(whole.shape) if isinstance(whole, torch.Tensor) else type(whole).__name__
+            raise ValueError(f"gaccum: verify's loss_fn must return the batch's mean loss as a scalar tensor, got {shape}")
+        whole.backward()
         big = [torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.double() for p in params]
         for p in params:
             p.grad = None
