@@ -34,6 +34,15 @@ from .master import HALF, MasterGrads, MasterWeights
 from .schedule import AccumulationSchedule, as_schedule, rescale_lr
 
 
+def check_scaler_and_scheduler(scaler: Any, scheduler: Any) -> None:
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"gaccum: scaler must be a torch.amp.GradScaler (or None), got {scaler!r}; e.g. "
+                        "scaler=torch.amp.GradScaler('cuda') for fp16")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"gaccum: scheduler must be an LR scheduler with a step() method (e.g. "
+                        f"torch.optim.lr_scheduler.LambdaLR(optimizer, ...)), got {scheduler!r}")
+
+
 def grads_finite(grads: list[torch.Tensor]) -> bool:
     """One fused pass over the window's gradients at the boundary (a single sync), not one per micro-step."""
     if not grads:
@@ -142,6 +151,7 @@ class _Engine:
         master_grads: bool | str = "auto",
         nonfinite: str = "raise",
         distributed: bool = False,
+        names: Optional[dict[int, str]] = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"gaccum: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -150,7 +160,8 @@ class _Engine:
         self.epoch = 0
         # (optimizer step, accum_steps) each time the schedule changed the window.
         self.accum_history: list[tuple[int, int]] = [(0, self.accum_steps)]
-        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0):
+        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool)
+                                          or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
             raise ValueError(f"gaccum: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"gaccum: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
@@ -166,6 +177,16 @@ class _Engine:
                 "build it from model.parameters()"
             )
         self.params = [p for p in trainable if id(p) in held]
+        check_scaler_and_scheduler(scaler, scheduler)
+        left_out = [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(trainable) if id(p) not in held]
+        if left_out:
+            warnings.warn(
+                f"gaccum: {len(left_out)} trainable parameter(s) are not in the optimizer ({', '.join(left_out[:8])}"
+                f"{', ...' if len(left_out) > 8 else ''}); they get gradients but are never "
+                "stepped. Freeze them (requires_grad_(False)) or add them to the optimizer",
+                UserWarning,
+                stacklevel=4,
+            )
         self.optimizer = optimizer
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
         self.scheduler = scheduler
@@ -537,6 +558,7 @@ class Accumulator:
         self.engine = _Engine(
             list(inner.parameters()), optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
             max_grad_norm=max_grad_norm, master_grads=master_grads, nonfinite=nonfinite, distributed=self.ddp,
+            names={id(p): n for n, p in inner.named_parameters()},
         )
         self.engine.window = window
         optimizer._gaccum_accumulator = weakref.ref(self)  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ._dist import world_size
-from .accumulate import StepResult, _Engine, grads_finite
+from .accumulate import StepResult, _Engine, check_scaler_and_scheduler, grads_finite
 from .master import _LIVE
 from .schedule import AccumulationSchedule
 
@@ -52,6 +52,7 @@ class AccumulationHook:
                 "gaccum: hook() under torch.distributed cannot keep DDP from reducing on every micro-step (it never "
                 "sees the forward); use gaccum.Accumulator(ddp_model, optimizer, ...), which runs no_sync"
             )
+        check_scaler_and_scheduler(scaler, scheduler)
         params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
         self.engine = _Engine(params, optimizer, accum_steps, scaler=scaler, max_grad_norm=max_grad_norm,
                               master_grads=master_grads)

@@ -33,9 +33,15 @@ class VerifyReport:
     @property
     def verdict(self) -> str:
         word = "PASS" if self.passed else "FAIL"
-        return (f"{word}: {self.accum_steps} micro-batches of {self.micro_batch_size} vs one batch of "
+        text = (f"{word}: {self.accum_steps} micro-batches of {self.micro_batch_size} vs one batch of "
                 f"{self.batch_size}: max rel diff {self.max_rel_diff:.2e} (tolerance {self.tolerance:.0e} for "
                 f"{self.dtype}), max abs diff {self.max_abs_diff:.2e}")
+        if not self.passed and self.dtype == "float64" and self.max_rel_diff < 1e-5:
+            text += (f". The difference is at float32 level though the model is float64: some layer computes in "
+                     f"float32 inside (an RMSNorm or softmax that upcasts to float32, a loss on .float() logits; "
+                     f"worst parameter: {self.worst_parameter}). Accumulation cannot be more exact than that layer: "
+                     "pass tolerance=1e-6, or make the layer compute in the model's dtype")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "verdict": self.verdict}
