@@ -220,6 +220,8 @@ class _Engine:
         self.micro_batch_limit: Optional[int] = None
         self.oom_splits = 0
         self._warned_nonfinite = False
+        self.window_peak = 0  # under a CPU memory_limit: the most live during this window's micro-steps
+        self.last_window_peak = 0
         self.callbacks: list[Callable[[StepResult, "_Engine"], None]] = []
         # Called with the engine once the window's gradient is final (reduced,
         # corrected, unscaled) and before the optimizer steps: verify() reads it.
@@ -258,7 +260,8 @@ class _Engine:
             self.masters.set_inv_scale(weight)
 
     def add_loss(self, loss: torch.Tensor, n: float) -> None:
-        v = loss.detach().float() * n
+        # kept in the model's precision (float64 stays float64), half precision upcast
+        v = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) * n
         self.loss_sum = v if self.loss_sum is None else self.loss_sum + v
 
     def end_micro(self, n: float, synced: bool) -> None:
@@ -387,6 +390,7 @@ class _Engine:
         self.items = 0.0
         self.items_mode = False
         self.loss_sum = None
+        self.last_window_peak, self.window_peak = self.window_peak, 0
         self.apply_schedule()
 
     # -- accumulation schedules -------------------------------------------------
@@ -863,6 +867,7 @@ class Accumulator:
             self._weighted_backward(loss, n, n * run.size / k)
         if self.memory_limit is not None:
             self.peak_memory = max(self.peak_memory or 0, budget.peak)
+            eng.window_peak = max(eng.window_peak, budget.peak)
         run.add(n, items is not None)
 
     def flush(self, drop: Optional[bool] = None) -> Optional[StepResult]:

@@ -27,7 +27,7 @@ class MetricsLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a")
-        self.peak_memory = peak_memory or _default_peak
+        self.peak_memory = peak_memory
         self.extra = extra or {}
         self.records: list[dict[str, Any]] = []
         self._reset()
@@ -60,7 +60,7 @@ class MetricsLogger:
                 sum(self._losses) / len(self._losses) if self._losses else None),
             "samples": self._samples,
             "samples_per_s": self._samples / dt, "tokens_per_s": self._tokens / dt,
-            "peak_memory": self.peak_memory(),
+            "peak_memory": self.peak_memory() if self.peak_memory is not None else _default_peak(engine),
             "master_grad_bytes": engine.masters.nbytes if engine.masters is not None else 0,
             "skipped_steps": engine.skipped_steps, "skipped": result.skipped, "loss_scale": result.loss_scale,
             "grad_norm": result.grad_norm, "accum_steps": engine.accum_steps,
@@ -81,7 +81,11 @@ class MetricsLogger:
             self.writer.close()
 
 
-def _default_peak() -> int:
+def _default_peak(engine: Any) -> int:
+    """The window's peak: the CPU budget's count under ``memory_limit``, else the CUDA allocator's."""
+    measured = getattr(engine, "last_window_peak", 0)
+    if measured:
+        return int(measured)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     return 0
