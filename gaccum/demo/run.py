@@ -6,6 +6,7 @@ Everything it needs ships with the package: a small GPT and a generated corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -84,42 +85,63 @@ def _train(model, opt, sampler, micro_sizes: list[int], steps: int, accumulator_
     return out
 
 
-def _one_large_batch(model, sampler, window: list[int], steps: int, lr: float, device: torch.device) -> Optional[list[float]]:
+def window_text(window: list[int]) -> str:
+    """A window as it is: "5 x 52" when even, "52 + 51 + 51 + 51 + 51" when not."""
+    return f"{len(window)} x {window[0]}" if len(set(window)) == 1 else " + ".join(map(str, window))
+
+
+def _one_large_batch(model, sampler, window: list[int], steps: int, lr: float,
+                     device: torch.device) -> tuple[Optional[list[float]], Optional[int]]:
     """The run accumulation stands in for: the same micro-batches, concatenated, one step each.
 
-    On CPU the budget is the planner's, so this can run over it; on a GPU that
-    really cannot hold the batch it runs out of memory and the demo says so.
+    Returns its losses and its peak memory (the reason to accumulate). On CPU
+    the budget is the planner's, so this can run over it; on a GPU that really
+    cannot hold the batch it runs out of memory and the demo says so.
     """
+    from ..accounting import LiveBytes
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     losses: list[float] = []
+    peak = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         for _ in range(steps):
             parts = [sampler(b) for b in window]
             batch = (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+            del parts
             opt.zero_grad(set_to_none=True)
-            loss = lm_loss(model, batch)
-            loss.backward()
-            opt.step()
+            meter = LiveBytes().track(model, opt, batch) if device.type == "cpu" else contextlib.nullcontext()
+            with meter:
+                loss = lm_loss(model, batch)
+                loss.backward()
+                opt.step()
+            if device.type == "cpu":
+                peak = max(peak, meter.peak)
             losses.append(float(loss.detach()))
     except torch.OutOfMemoryError:
-        return None
+        return None, None
     finally:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(device))
             torch.cuda.empty_cache()
-    return losses
+    return losses, peak
 
 
-def _plots(out: Path, big: dict, small: dict, plan_obj, budget: int, reference: Optional[list[float]]) -> None:
+def _plots(out: Path, big: dict, small: dict, plan_obj, budget: int, reference: Optional[list[float]],
+           reference_peak: Optional[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    sizes = sorted(set(plan_obj.window))
+    small_label = f"batch {sizes[0]}" if len(sizes) == 1 else f"batches of {sizes[0]}-{sizes[-1]}"
     for run, label, style in ((big, f"accumulated: effective batch {plan_obj.effective_batch_size} "
-                               f"({plan_obj.accum_steps} x {plan_obj.micro_batch_size})", "-o"),
-                              (small, f"baseline: batch {plan_obj.micro_batch_size}, no accumulation", "-")):
+                               f"({window_text(plan_obj.window)})", "-o"),
+                              (small, f"baseline: {small_label}, no accumulation", "-")):
         xs = [sum(r["samples"] for r in run["records"][: i + 1]) for i in range(len(run["records"]))]
         ax.plot(xs, [r["loss"] for r in run["records"]], style, label=label, markersize=3, linewidth=1.4)
     if reference is not None:
@@ -139,18 +161,24 @@ def _plots(out: Path, big: dict, small: dict, plan_obj, budget: int, reference: 
     mib = 1 / 2**20
     ax.plot(range(1, len(big["micro_peaks"]) + 1), [p * mib for p in big["micro_peaks"]],
             label="accumulated run: peak per micro-step (forward + backward)", linewidth=1.2)
-    ax.plot(range(1, len(small["micro_peaks"]) + 1), [p * mib for p in small["micro_peaks"]],
-            label=f"baseline (batch {plan_obj.micro_batch_size}): peak per step (forward + backward)", linewidth=1.0, alpha=0.7)
+    ax.plot(range(1, len(small["micro_peaks"]) + 1), [p * mib for p in small["micro_peaks"]], "--",
+            label=f"baseline ({small_label}): peak per step", linewidth=1.4, color="tab:orange")
     ax.axhline(budget * mib, color="tab:red", linestyle="--", label=f"planner budget ({format_bytes(budget)})")
-    ax.axhline(big["master_grad_bytes"] * mib, color="tab:green", linestyle=":", label=f"FP32 master-gradient buffer ({format_bytes(big['master_grad_bytes'])})")
+    if reference_peak:
+        ax.axhline(reference_peak * mib, color="black", linestyle="-", linewidth=1.6,
+                   label=f"one batch of {plan_obj.effective_batch_size}, no accumulation ({format_bytes(reference_peak)})")
+    if big["master_grad_bytes"]:
+        ax.axhline(big["master_grad_bytes"] * mib, color="tab:green", linestyle=":",
+                   label=f"FP32 master-gradient buffer ({format_bytes(big['master_grad_bytes'])})")
     if plan_obj.peak_memory:
-        ax.axhline(plan_obj.peak_memory * mib, color="tab:gray", linestyle="-.", label=f"planned peak at b={plan_obj.max_micro_batch}")
+        ax.axhline(plan_obj.peak_memory * mib, color="tab:gray", linestyle="-.",
+                   label=f"planned peak at b={plan_obj.micro_batch_size}")
     ax.set_xlabel("micro-step")
     ax.set_ylabel("memory (MiB)")
     ax.set_ylim(bottom=0)
     ax.set_title("gaccum demo: memory per micro-step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")  # the space between the runs and the one large batch
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
@@ -196,21 +224,21 @@ def run_demo(args: argparse.Namespace) -> int:
     big_logger.close()
 
     model.load_state_dict(init_state)
-    reference = _one_large_batch(model, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), plan_obj.window,
-                                 big["optimizer_steps"], args.lr, device)
+    reference, reference_peak = _one_large_batch(model, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10),
+                                                 plan_obj.window, big["optimizer_steps"], args.lr, device)
     model.load_state_dict(init_state)
     # The baseline's LR: the sqrt rule (Adam) taken from the effective batch down to its own batch.
     base_lr = scale_lr(args.lr, plan_obj.effective_batch_size, plan_obj.micro_batch_size, rule="sqrt")
     opt_small = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=0.01)
     small_logger = MetricsLogger(metrics_path, extra={"run": "baseline"})
-    small_steps = -(-big["samples"] // plan_obj.micro_batch_size)
-    small = _train(model, opt_small, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), [plan_obj.micro_batch_size],
+    small_steps = len(big["micro_peaks"])  # one step per micro-batch of the same sizes: the same samples
+    small = _train(model, opt_small, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), plan_obj.window,
                    small_steps, {"accum_steps": 1, "memory_limit": plan_obj.budget if device.type == "cpu" else None},
                    small_logger, device, "baseline   ", args.no_progress)
     small_logger.close()
 
     # 5. report
-    _plots(out, big, small, plan_obj, plan_obj.budget, reference)
+    _plots(out, big, small, plan_obj, plan_obj.budget, reference, reference_peak)
     ref_gap = (max(abs(r["loss"] - v) for r, v in zip(big["records"], reference)) if reference is not None else None)
     summary = {
         "device": str(device), "torch": torch.__version__, "plan": plan_obj.to_dict(), "verify": report.to_dict(),
@@ -219,14 +247,14 @@ def run_demo(args: argparse.Namespace) -> int:
         | {"final_loss": big["records"][-1]["loss"], "max_micro_peak": max(big["micro_peaks"])},
         "baseline": {k: small[k] for k in ("seconds", "samples", "optimizer_steps")}
         | {"final_loss": small["records"][-1]["loss"], "lr": base_lr, "max_micro_peak": max(small["micro_peaks"])},
-        "one_large_batch": None if reference is None else {"final_loss": reference[-1],
+        "one_large_batch": None if reference is None else {"final_loss": reference[-1], "peak": reference_peak,
                                                            "max_loss_gap_to_accumulated": ref_gap},
         "seconds_total": time.perf_counter() - t_start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\nsummary")
     print(f"  accumulated: {big['optimizer_steps']} steps of {plan_obj.effective_batch_size} samples "
-          f"({plan_obj.accum_steps} x {plan_obj.micro_batch_size}), final loss {summary['accumulated']['final_loss']:.3f}, "
+          f"({window_text(plan_obj.window)}), final loss {summary['accumulated']['final_loss']:.3f}, "
           f"{big['samples'] / big['seconds']:.0f} samples/s, max peak {format_bytes(max(big['micro_peaks']))} "
           f"(budget {format_bytes(plan_obj.budget)})")
     if big["oom_splits"]:
@@ -236,11 +264,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print("  out of memory: none (micro_batch() would have split a micro-batch and carried on)")
     if reference is not None:
         print(f"  one batch:   {len(reference)} steps of {plan_obj.effective_batch_size} without accumulation (over the "
-              f"budget, for reference): final loss {reference[-1]:.3f}; largest loss gap to the accumulated run "
-              f"{ref_gap:.1e}")
+              f"budget, for reference): final loss {reference[-1]:.3f}, peak {format_bytes(reference_peak)}; largest "
+              f"loss gap to the accumulated run {ref_gap:.1e}")
     else:
         print(f"  one batch:   {plan_obj.effective_batch_size} samples in one step ran out of memory here, as planned")
-    print(f"  baseline:    {small['optimizer_steps']} steps of {plan_obj.micro_batch_size} samples, final loss "
+    sizes = sorted(set(plan_obj.window))
+    per_step = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    print(f"  baseline:    {small['optimizer_steps']} steps of {per_step} samples (the same {small['samples']}), final loss "
           f"{summary['baseline']['final_loss']:.3f}, {small['samples'] / small['seconds']:.0f} samples/s, max peak "
           f"{format_bytes(max(small['micro_peaks']))}")
     if device.type == "cpu":
