@@ -21,12 +21,17 @@ a budget (the planner's), so the same path runs in CI.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional, Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .accounting import LiveBytes
+from .batch import batch_size, batch_tensors, split_batch
+from .boundary import StepResult
+from .engine import _check_items, _check_loss
 from .memory import parse_bytes
 
 
@@ -119,3 +124,148 @@ def check_memory_limit(value: Any, device: Optional[torch.device]) -> Optional[i
             "itself raises it. Leave memory_limit unset"
         )
     return parse_bytes(value)
+
+
+# --------------------------------------------------------------------------- Accumulator.micro_batch
+def _loss_and_items(out: Any) -> tuple[torch.Tensor, Optional[float]]:
+    """What a micro_batch() loss_fn returns: a loss, or (loss, num_items)."""
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(f"gaccum: loss_fn returns a loss or (loss, num_items), got a sequence of {len(out)}")
+        loss, items = out
+        _check_loss(loss)
+        return loss, _check_items(items)
+    _check_loss(out)
+    return out, None
+
+
+@dataclass
+class _Run:
+    """One micro_batch() call: what its pieces have added to the window so far."""
+
+    size: int
+    n_full: float
+    loss_fn: Callable[[nn.Module, Any], Any]
+    items: float = 0.0
+    items_mode: bool = False
+    pieces: int = 0
+    attempt_items: float = 0.0  # the count of the piece being tried
+    attempt_items_mode: bool = False
+    attempt_loss: Optional[torch.Tensor] = None
+
+    def add(self, n: float, items_mode: bool) -> None:
+        self.items += n
+        self.items_mode |= items_mode
+        self.pieces += 1
+
+
+class MicroBatchMixin:
+    """``Accumulator.micro_batch``: gaccum runs forward and backward, so an OOM splits the micro-batch."""
+
+    def micro_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Any], *, last: bool = False) -> StepResult:
+        """One micro-batch: forward, backward, and the optimizer step when the window is full.
+
+        ``loss_fn(model, batch)`` returns the batch's mean loss, or ``(loss,
+        num_items)`` for a loss normalised by token count. Because gaccum runs
+        the forward here, an out-of-memory error does not end training: the
+        micro-batch is split in two and each half accumulated with its share of
+        the weight, so the window's effective batch and gradient stay the same,
+        and later micro-batches run in pieces of the size that fitted
+        (``micro_batch_limit``; ``oom_splits`` counts the splits).
+        """
+        if self._in_micro:
+            raise RuntimeError("gaccum: micro_batch() inside an accumulate() block; use one or the other")
+        if not callable(loss_fn):
+            raise TypeError(f"gaccum: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        eng = self.engine
+        size = batch_size(batch)
+        is_last = eng.micro + 1 >= eng.accum_steps or bool(last)
+        sync = is_last and eng.masters is None
+        if self._touch is None and self.on_oom == "split" and not self.ddp:
+            self._touch = TouchTracker(eng.params, eng.masters)
+        # gaccum sees the batch here: every micro-batch weighs what it holds (a short last one too)
+        run = _Run(size=size, n_full=float(size), loss_fn=loss_fn)
+        limit = eng.micro_batch_limit
+        pieces = [batch] if limit is None or size <= limit else split_batch(batch, limit)
+        self.peak_memory = None
+        self._in_micro = True
+        try:
+            for i, piece in enumerate(pieces):
+                self._piece(piece, run, sync and i == len(pieces) - 1, frozenset())
+        finally:
+            self._in_micro = False
+        if run.pieces == 0:  # every piece had a non-finite loss and was skipped
+            return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
+        eng.items_mode = True  # real counts: under DDP the window's total is summed over ranks
+        return self._end_micro(run.items, sync, bool(last))
+
+    def _piece(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
+        k = batch_size(piece)
+        try:
+            self._attempt(piece, k, run, sync, done_params)
+            return
+        except Exception as exc:  # noqa: BLE001 - only an OOM is handled; the rest re-raised as is
+            if not is_oom(exc) or self.on_oom != "split":
+                raise
+            if self.ddp:
+                raise torch.OutOfMemoryError(
+                    f"{exc}\ngaccum: splitting a micro-batch on out-of-memory is not supported under DDP (the "
+                    "ranks' reducers would disagree); plan with gaccum.plan, which agrees on the smallest budget"
+                ) from exc
+            if k == 1:
+                raise torch.OutOfMemoryError(
+                    f"{exc}\ngaccum: out of memory on a micro-batch of 1 sample; nothing smaller to split into. "
+                    "Free memory, or use activation checkpointing or a smaller model"
+                ) from exc
+        # Out of the except block: the failed attempt's frame and its activations are freed.
+        eng = self.engine
+        if eng.masters is not None:
+            eng.masters.recover()
+        if eng.params[0].device.type == "cuda":
+            torch.cuda.empty_cache()
+        assert self._touch is not None
+        reached = set(self._touch.touched)  # these already hold this piece's whole, weighted contribution
+        new = halves(k)
+        if eng.micro_batch_limit is None or new < eng.micro_batch_limit:
+            eng.micro_batch_limit = new
+            warnings.warn(
+                f"gaccum: out of memory on a micro-batch of {k}; split into {new} + {k - new} and carried on. "
+                f"The window's effective batch is unchanged; micro-batches now run in pieces of at most {new}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        eng.oom_splits += 1
+        if reached and all(p in reached or p in done_params for p in eng.params if p.requires_grad):
+            # the backward had reached every parameter: the piece is in, whole
+            if run.attempt_loss is not None:
+                eng.add_loss(run.attempt_loss, run.attempt_items)
+            run.add(run.attempt_items, run.attempt_items_mode)
+            return
+        parts = split_batch(piece, new)
+        for j, part in enumerate(parts):
+            self._piece(part, run, sync and j == len(parts) - 1, done_params | reached)
+
+    def _attempt(self, piece: Any, k: int, run: "_Run", sync: bool, done_params: frozenset) -> None:
+        eng = self.engine
+        ddp_ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
+        watch = self._touch.attempt(done_params) if self._touch is not None else contextlib.nullcontext()
+        budget: Any = contextlib.nullcontext()
+        if self.memory_limit is not None:
+            extra = batch_tensors(piece) + [p.grad for p in done_params if p.grad is not None]
+            if eng.masters is not None:
+                assert eng.master_weights is not None
+                extra += [eng.masters.flat, *eng.master_weights.weights]
+            budget = MemoryBudget(self.memory_limit, self.model, eng.optimizer, extra)
+        run.attempt_loss = None
+        with budget, watch, ddp_ctx:
+            loss, items = _loss_and_items(run.loss_fn(self.model, piece))
+            n = items if items is not None else run.n_full * k / run.size
+            run.attempt_items, run.attempt_items_mode = n, items is not None
+            if self._skip_nonfinite(loss):
+                return
+            run.attempt_loss = loss.detach()
+            self._weighted_backward(loss, n, n * run.size / k)
+        if self.memory_limit is not None:
+            self.peak_memory = max(self.peak_memory or 0, budget.peak)
+            eng.window_peak = max(eng.window_peak, budget.peak)
+        run.add(n, items is not None)

@@ -24,7 +24,8 @@ from typing import Any, Optional
 import torch
 
 from ._dist import world_size
-from .accumulate import StepResult, _Engine, check_scaler_and_scheduler, grads_finite
+from .boundary import StepResult, grads_finite
+from .engine import _Engine, check_scaler_and_scheduler, check_unclaimed
 from .master import _LIVE
 from .schedule import AccumulationSchedule
 
@@ -42,11 +43,7 @@ class AccumulationHook:
         max_grad_norm: Optional[float] = None,
         master_grads: bool | str = "auto",
     ) -> None:
-        if getattr(optimizer, "_gaccum_hook", None) is not None:
-            raise RuntimeError("gaccum: this optimizer already has a gaccum hook; call .remove() on it first")
-        holder = getattr(optimizer, "_gaccum_accumulator", None)
-        if holder is not None and holder() is not None:
-            raise RuntimeError("gaccum: this optimizer is already driven by a gaccum Accumulator; use one or the other")
+        check_unclaimed(optimizer)
         if world_size() > 1:
             raise ValueError(
                 "gaccum: hook() under torch.distributed cannot keep DDP from reducing on every micro-step (it never "

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .accumulate import StepResult
+from .boundary import StepResult
 
 
 class MetricsLogger:

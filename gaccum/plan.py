@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields

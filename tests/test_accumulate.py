@@ -481,7 +481,8 @@ def test_model_without_trainable_parameters_and_foreign_optimizer():
 
 def test_non_finite_loss_without_scaler_raises_or_skips_and_never_corrupts():
     x, y = regression_data(16)
-    m, acc = _acc(accum_steps=2)
+    m = mlp()
+    acc = gaccum.Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.1), accum_steps=2, nonfinite="raise")
     with acc.accumulate():
         acc.backward(F.mse_loss(m(x[:4]), y[:4]))
     saved = [p.grad.clone() for p in m.parameters()]

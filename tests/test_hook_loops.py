@@ -141,7 +141,7 @@ def test_one_accumulator_or_hook_per_optimizer():
     acc = gaccum.Accumulator(model, opt, accum_steps=2)
     with pytest.raises(RuntimeError, match="already has a gaccum Accumulator"):
         gaccum.Accumulator(model, opt, accum_steps=2)
-    with pytest.raises(RuntimeError, match="already driven by a gaccum Accumulator"):
+    with pytest.raises(RuntimeError, match="already has a gaccum Accumulator"):
         gaccum.hook(opt, accum_steps=2)
     acc.close()
     h = gaccum.hook(opt, accum_steps=2)

@@ -35,3 +35,26 @@ def test_window_loss_keeps_float64():
             losses.append(loss.item())
             r = acc.backward(loss)
     assert r.loss == (losses[0] + losses[1]) / 2  # exactly, not through float32
+
+
+def test_a_nan_loss_discards_the_window_by_default_on_the_accumulator_and_the_hook():
+    import pytest
+
+    for use_hook in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        driver = gaccum.hook(opt, accum_steps=2) if use_hook else gaccum.Accumulator(model, opt, accum_steps=2)
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = regression_data(8)
+        with pytest.warns(RuntimeWarning, match="discarded"):
+            for i in range(2):
+                loss = F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]) * (float("nan") if i else 1.0)
+                if use_hook:
+                    loss.backward()
+                    r = opt.step()
+                    opt.zero_grad()
+                else:
+                    with driver.accumulate():
+                        r = driver.backward(loss)
+        assert r.skipped and driver.skipped_steps == 1 and driver.optimizer_steps == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -1,0 +1,111 @@
+"""The boundary step: what happens once a window's gradient is final.
+
+Unscale (GradScaler), check for inf/NaN, clip, step, copy FP32 masters back,
+step the scheduler, count, and say what happened in a :class:`StepResult`. The
+window's arithmetic (weights, totals, the correction that makes the gradient the
+mean over the window's items) is the engine's (engine.py); the hook, which lets
+the user's own unscale/clip/step run, has its own boundary (hook.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+
+def grads_finite(grads: list[torch.Tensor]) -> bool:
+    """One fused pass over the window's gradients at the boundary (a single sync), not one per micro-step."""
+    if not grads:
+        return True
+    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one micro-step did; ``stepped`` is True only on a real optimizer step.
+
+    ``skipped`` is True when the window ended but the step was skipped because
+    GradScaler (or gaccum's own check) found inf/NaN: PyTorch gives no public
+    way to learn this (pytorch/pytorch#67590).
+    """
+
+    stepped: bool = False
+    skipped: bool = False
+    boundary: bool = False
+    grad_norm: Optional[float] = None
+    loss_scale: Optional[float] = None
+    loss: Optional[float] = None  # at a boundary: the window's mean loss over its items (this rank's)
+    micro_step: int = 0
+    optimizer_step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BoundaryStep:
+    """Mixed into the engine: the optimizer step at a window's end (the engine supplies the state)."""
+
+    def _optimizer_step(self) -> StepResult:
+        window_loss = float(self.loss_sum) / self.items if self.loss_sum is not None and self.items > 0 else None
+        grad_norm = None
+        skipped = False
+        scale = None
+        opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            scale = float(self.scaler.get_scale())
+            self.scaler.unscale_(self.optimizer)
+            for fn in self.pre_step_hooks:
+                fn(self)
+            if self.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+            found = sum(float(v) for v in self.scaler._found_inf_per_device(self.optimizer).values())
+            skipped = found > 0
+            if self.master_weights is not None:
+                self.master_weights.refresh_stale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            for fn in self.pre_step_hooks:
+                fn(self)
+            if self.masters is not None:
+                skipped = float(self.masters.found_inf) > 0
+            else:
+                skipped = not grads_finite([p.grad for p in opt_params if p.grad is not None])
+            if skipped:
+                self.warn_nonfinite()
+            if not skipped:
+                if self.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+                if self.master_weights is not None:
+                    self.master_weights.refresh_stale()
+                self.optimizer.step()
+        if not skipped:
+            if self.master_weights is not None:
+                self.master_weights.copy_back()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.optimizer_steps += 1
+        else:
+            self.skipped_steps += 1
+        self.discard()
+        result = StepResult(
+            stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm, loss_scale=scale,
+            micro_step=self.micro_steps, optimizer_step=self.optimizer_steps, loss=window_loss,
+        )
+        for cb in self.callbacks:
+            cb(result, self)
+        return result
+
+    def warn_nonfinite(self) -> None:
+        """One rule on every path without a GradScaler: an inf/NaN window is discarded, counted, said once."""
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "gaccum: inf/NaN in the accumulated gradient and no GradScaler; the window is discarded and counted "
+                "in skipped_steps (StepResult.skipped). This warning is shown once",
+                RuntimeWarning,
+                stacklevel=5,
+            )
