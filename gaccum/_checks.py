@@ -8,3 +8,16 @@ from typing import Any
 def is_int(x: Any) -> bool:
     """An int, and not a bool: ``True`` is an int to Python but never a count to gaccum."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` pointed at the user's line: the first frame outside the gaccum package."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

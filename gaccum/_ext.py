@@ -13,11 +13,11 @@ import importlib.machinery
 import importlib.util
 import os
 import threading
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 from . import _build
+from ._checks import warn_user
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "module": None, "reason": None}
@@ -80,11 +80,10 @@ def load(jit: bool = True, quiet: bool = False) -> ModuleType | None:
                 reason = str(exc)
         _state["module"], _state["reason"] = module, reason
         if module is None and not quiet and not disabled():
-            warnings.warn(
+            warn_user(
                 f"gaccum: the fused CUDA kernel is unavailable ({reason}); using the PyTorch "
                 "fallback (correct, but several passes over memory)",
                 RuntimeWarning,
-                stacklevel=3,
             )
         return module
 

@@ -9,13 +9,13 @@ boundary step (boundary.py) is shared with the hook (hook.py).
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ._checks import warn_user
 from .autosplit import MicroBatchMixin, TouchTracker, check_memory_limit
 from .batch import batch_size
 from .boundary import StepResult
@@ -122,12 +122,11 @@ class Accumulator(MicroBatchMixin):
             names = batch_norm_layers(inner)
             if names:
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                warnings.warn(
+                warn_user(
                     f"gaccum: {shown} compute statistics over each micro-batch, not the effective batch, so "
                     "accumulation does not reproduce large-batch training for them; consider GroupNorm or "
                     "LayerNorm, or SyncBatchNorm across ranks",
                     UserWarning,
-                    stacklevel=2,
                 )
 
     # -- read-only state -----------------------------------------------------
@@ -257,14 +256,13 @@ class Accumulator(MicroBatchMixin):
         if self._warned_size:
             return
         self._warned_size = True
-        warnings.warn(
+        warn_user(
             f"gaccum: the model was fed a micro-batch of {self._fed_size} samples where the plan's window "
             f"({' + '.join(map(str, self.engine.window or []))}) has {expected}; without num_items each micro-batch "
             "is weighted as the plan's size, so the window is no longer the mean over its samples. Feed the plan's "
             "window with plan.loader(dataset) (or gaccum.window_loader), pass num_items=, or use acc.micro_batch(), "
             "which weighs every batch by its size. Shown once",
             RuntimeWarning,
-            stacklevel=3,
         )
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> bool:

@@ -21,13 +21,13 @@ a budget (the planner's), so the same path runs in CI.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ._checks import warn_user
 from .accounting import LiveBytes
 from .batch import batch_size, batch_tensors, split_batch
 from .boundary import StepResult
@@ -228,11 +228,10 @@ class MicroBatchMixin:
         new = halves(k)
         if eng.micro_batch_limit is None or new < eng.micro_batch_limit:
             eng.micro_batch_limit = new
-            warnings.warn(
+            warn_user(
                 f"gaccum: out of memory on a micro-batch of {k}; split into {new} + {k - new} and carried on. "
                 f"The window's effective batch is unchanged; micro-batches now run in pieces of at most {new}",
                 RuntimeWarning,
-                stacklevel=4,
             )
         eng.oom_splits += 1
         if reached and all(p in reached or p in done_params for p in eng.params if p.requires_grad):

@@ -9,11 +9,12 @@ the user's own unscale/clip/step run, has its own boundary (hook.py).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
+
+from ._checks import warn_user
 
 
 def grads_finite(grads: list[torch.Tensor]) -> bool:
@@ -103,9 +104,8 @@ class BoundaryStep:
         """One rule on every path without a GradScaler: an inf/NaN window is discarded, counted, said once."""
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
-            warnings.warn(
+            warn_user(
                 "gaccum: inf/NaN in the accumulated gradient and no GradScaler; the window is discarded and counted "
                 "in skipped_steps (StepResult.skipped). This warning is shown once",
                 RuntimeWarning,
-                stacklevel=5,
             )

@@ -16,14 +16,13 @@ just a window with a smaller T, so ``flush()`` needs no special case.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._checks import is_int
+from ._checks import is_int, warn_user
 from ._dist import all_reduce_scalars, world_size
 from .boundary import BoundaryStep, StepResult
 from .master import HALF, MasterGrads, MasterWeights
@@ -126,12 +125,11 @@ class _Engine(BoundaryStep):
         check_scaler_and_scheduler(scaler, scheduler)
         left_out = [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(trainable) if id(p) not in held]
         if left_out:
-            warnings.warn(
+            warn_user(
                 f"gaccum: {len(left_out)} trainable parameter(s) are not in the optimizer ({', '.join(left_out[:8])}"
                 f"{', ...' if len(left_out) > 8 else ''}); they get gradients but are never "
                 "stepped. Freeze them (requires_grad_(False)) or add them to the optimizer",
                 UserWarning,
-                stacklevel=4,
             )
         self.optimizer = optimizer
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None

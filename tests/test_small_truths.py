@@ -58,3 +58,13 @@ def test_a_nan_loss_discards_the_window_by_default_on_the_accumulator_and_the_ho
                         r = driver.backward(loss)
         assert r.skipped and driver.skipped_steps == 1 and driver.optimizer_steps == 0
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_warnings_point_at_the_users_line():
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gaccum.Accumulator(model, torch.optim.SGD(model[0].parameters(), lr=0.1), accum_steps=2)  # this line
+    assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
