@@ -1,5 +1,5 @@
 // The hot path of gaccum: for every gradient g and its FP32 master m,
-//     m = (overwrite ? 0 : m) + float(g) * inv_scale
+//     m = (overwrite ? 0 : m) + float(g) * inv_scale     (the product rounded, then the sum: never an FMA)
 // with found_inf set when any result is non-finite, optionally zeroing g and
 // accumulating sum(m^2) for the gradient norm, all in one pass over memory
 // (10 B/element for half gradients, 6 B/element with `overwrite`).
@@ -55,6 +55,12 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// m + g * s with the product rounded before the add, as the CPU fallback computes it: nvcc would
+// otherwise contract it into an FMA (1 ulp apart from the fallback, and an overflowing g * s hidden
+// by a large opposite m). __fmul_rn / __fadd_rn are never contracted and cost nothing in a
+// bandwidth-bound kernel.
+__device__ __forceinline__ float unfused(float m, float g, float s) { return __fadd_rn(m, __fmul_rn(g, s)); }
+
 __device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }
@@ -83,10 +89,10 @@ __device__ __forceinline__ void process_chunk(const T* __restrict__ g_base,
       for (int k = 0; k < ILP; k += 4) {
         float4 mv = overwrite ? make_float4(0.f, 0.f, 0.f, 0.f)
                               : *reinterpret_cast<const float4*>(m + i + k);
-        out[k + 0] = mv.x + to_float(gv.v[k + 0]) * inv_scale;
-        out[k + 1] = mv.y + to_float(gv.v[k + 1]) * inv_scale;
-        out[k + 2] = mv.z + to_float(gv.v[k + 2]) * inv_scale;
-        out[k + 3] = mv.w + to_float(gv.v[k + 3]) * inv_scale;
+        out[k + 0] = unfused(mv.x, to_float(gv.v[k + 0]), inv_scale);
+        out[k + 1] = unfused(mv.y, to_float(gv.v[k + 1]), inv_scale);
+        out[k + 2] = unfused(mv.z, to_float(gv.v[k + 2]), inv_scale);
+        out[k + 3] = unfused(mv.w, to_float(gv.v[k + 3]), inv_scale);
         *reinterpret_cast<float4*>(m + i + k) =
             make_float4(out[k + 0], out[k + 1], out[k + 2], out[k + 3]);
       }
@@ -106,7 +112,7 @@ __device__ __forceinline__ void process_chunk(const T* __restrict__ g_base,
     // Bounds-checked scalar path: misaligned views, odd sizes.
     T* gw = const_cast<T*>(g);
     for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      float o = (overwrite ? 0.f : m[i]) + to_float(g[i]) * inv_scale;
+      float o = unfused(overwrite ? 0.f : m[i], to_float(g[i]), inv_scale);
       m[i] = o;
       bad |= !isfinite(o);
       if (want_norm) sq += o * o;

@@ -42,6 +42,16 @@ def paused(params: Sequence[torch.Tensor]) -> Iterator[None]:
             o.paused = False
 
 
+def padded_offsets(sizes: Sequence[int], align: int = 4) -> list[int]:
+    """Start of each of ``sizes`` in one flat buffer, rounded up to ``align`` elements (4 floats = 16 bytes);
+    the last entry is the buffer's length."""
+    out, off = [], 0
+    for n in sizes:
+        out.append(off)
+        off += -(-n // align) * align
+    return out + [off]
+
+
 class MasterGrads:
     """One flat FP32 buffer holding the accumulated gradient of ``params``."""
 
@@ -55,13 +65,11 @@ class MasterGrads:
         self.device = devices.pop()
         self.params = list(params)
         self.index = {p: i for i, p in enumerate(self.params)}
-        total = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(total, dtype=torch.float32, device=self.device)
-        self.views: list[torch.Tensor] = []
-        off = 0
-        for p in self.params:
-            self.views.append(self.flat[off : off + p.numel()].view_as(p))
-            off += p.numel()
+        offsets = padded_offsets([p.numel() for p in self.params])
+        self.flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
+        # Each view starts on a 16-byte boundary, so the kernel's vector path takes every master (the gaps
+        # are zeros that nothing writes; they cost at most 12 bytes a parameter).
+        self.views: list[torch.Tensor] = [self.flat[o: o + p.numel()].view_as(p) for o, p in zip(offsets, self.params)]
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._inv_scale = torch.ones(1, dtype=torch.float32, device=self.device)
         self._inv_scale_value = 1.0

@@ -7,8 +7,10 @@ know which ran:
   (csrc/), which reads each gradient once and read-modify-writes each master.
 * Everything else: a pure-PyTorch implementation on ``torch._foreach_*`` ops.
 
-Semantics (both implementations):
-``masters[i] = (0 if overwrite else masters[i]) + float32(grads[i]) * inv_scale``;
+Semantics (both implementations, bitwise):
+``masters[i] = (0 if overwrite else masters[i]) + float32(grads[i]) * inv_scale``, the product rounded
+to float32 before the sum (never a fused multiply-add: the kernel uses ``__fmul_rn``/``__fadd_rn``,
+the fallback multiplies first), so an overflowing ``g * s`` is inf whatever ``m`` holds;
 ``found_inf`` (float32, one element, GradScaler's convention) is set to 1 when any
 updated master is non-finite, which covers every inf/NaN in the gradients, and is
 never cleared; with ``zero_grads`` the gradients are zeroed in the same pass; with
@@ -45,6 +47,7 @@ def _validate(
     for name, t in (("inv_scale", inv_scale), ("sq_norm", sq_norm)):
         if t is not None and t.device != device:
             raise ValueError(f"gaccum: {name} is on {t.device} but found_inf is on {device}; keep them on one device")
+    _check_disjoint(masters)
     for i, (g, m) in enumerate(zip(grads, masters)):
         if g.dtype not in _GRAD_DTYPES:
             raise TypeError(f"gaccum: gradient {i} has dtype {g.dtype}; expected float16, bfloat16 or float32")
@@ -57,6 +60,15 @@ def _validate(
                 f"gaccum: gradient {i} is on {g.device} and its master on {m.device}, found_inf on {device}; "
                 "all tensors of one call must be on one device"
             )
+
+
+def _check_disjoint(masters: Sequence[torch.Tensor]) -> None:
+    """Two masters that share memory would race on a GPU (updates lost) and add twice anywhere."""
+    spans = sorted((m.data_ptr(), m.data_ptr() + m.numel() * 4, i) for i, m in enumerate(masters) if m.numel())
+    for (s0, e0, i), (s1, _, j) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"gaccum: masters {min(i, j)} and {max(i, j)} overlap in memory; each master must be "
+                             "its own memory (one per gradient, no duplicates)")
 
 
 def _fallback(
@@ -86,9 +98,13 @@ def _fallback(
             if s != 1.0:
                 torch._foreach_mul_(masters, s)
         elif s == 1.0:
-            torch._foreach_add_(masters, grads)
+            torch._foreach_add_(masters, grads)  # g * 1 is exact: nothing to round
         else:
-            torch._foreach_add_(masters, grads, alpha=s)
+            # add(alpha=s) is a fused multiply-add on CPU: round the product first, as the kernel does
+            up = [g.to(torch.float32, copy=True) for g in grads]
+            torch._foreach_mul_(up, s)
+            torch._foreach_add_(masters, up)
+            del up
         norms = torch.stack(torch._foreach_norm(masters))
         if not bool(torch.isfinite(norms).all()):
             for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
@@ -98,53 +114,40 @@ def _fallback(
         if sq_norm is not None:
             sq_norm.add_(norms.square().sum())
     else:
-        up = [g.to(torch.float32, copy=True) for g in grads]
-        torch._amp_foreach_non_finite_check_and_unscale_(up, found_inf, inv_scale)
-        if overwrite:
-            torch._foreach_copy_(masters, up)
-        else:
-            torch._foreach_add_(masters, up)
-        if sq_norm is not None:
-            sq_norm.add_(torch.stack(torch._foreach_norm(masters)).square().sum())
+        _fallback_no_sync(grads, masters, found_inf, inv_scale, overwrite, sq_norm)
     if zero_grads:
         torch._foreach_zero_(grads)
 
 
-class _PointerCache:
-    """Pointer tables of recent calls, keyed by tensor identity.
+def _fallback_no_sync(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor,
+                      inv_scale: torch.Tensor, overwrite: bool, sq_norm: Optional[torch.Tensor]) -> None:
+    """The device-side fallback (CUDA tensors the kernel does not take): no host sync anywhere.
 
-    Building the table costs two ``data_ptr()`` calls per tensor; a training
-    loop that passes the same tensors every micro-step (the hook on fp32
-    parameters, the benchmarks) reuses it. The entry holds the tensors, so their
-    ids cannot be reused, and is checked against the storage pointers of the
-    first and last tensor so a swapped ``.data`` rebuilds it.
+    found_inf is set from the *updated masters*, as the kernel does: an overflow of g * s, of m + g,
+    and a master that was already non-finite are caught, not only an inf/NaN in the gradient.
     """
-
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self.entries: dict[tuple, tuple] = {}
-
-    def get(self, grads: list[torch.Tensor], masters: list[torch.Tensor]) -> tuple:
-        key = (tuple(map(id, grads)), tuple(map(id, masters)))
-        hit = self.entries.get(key)
-        if hit is not None:
-            gp, mp = hit[0], hit[1]
-            if gp[0] == grads[0].data_ptr() and gp[-1] == grads[-1].data_ptr() and mp[-1] == masters[-1].data_ptr():
-                return hit
-        entry = (
-            [g.data_ptr() for g in grads],
-            [m.data_ptr() for m in masters],
-            [g.numel() for g in grads],
-            [_GRAD_DTYPES[g.dtype] for g in grads],
-            (grads, masters),
-        )
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = entry
-        return entry
+    up = [g.to(torch.float32, copy=True) for g in grads]
+    torch._foreach_mul_(up, inv_scale.reshape(()))  # a 0-dim tensor: no host sync
+    if overwrite:
+        torch._foreach_copy_(masters, up)
+    else:
+        torch._foreach_add_(masters, up)
+    del up
+    one = torch.ones((), dtype=torch.float32, device=found_inf.device)
+    torch._amp_foreach_non_finite_check_and_unscale_(masters, found_inf, one)  # checks; x 1 changes nothing
+    if sq_norm is not None:
+        sq_norm.add_(torch.stack(torch._foreach_norm(masters)).square().sum())
 
 
-_pointer_cache = _PointerCache()
+def pointer_tables(grads: list[torch.Tensor], masters: list[torch.Tensor]) -> tuple:
+    """The kernel's tables, built for this call: pointers, sizes and dtype codes.
+
+    Never cached across calls: a tensor can keep its identity while its storage
+    changes (``.data =``, ``set_``, FSDP resizing a shard), and a stale pointer
+    is an out-of-bounds write on a GPU; nor are the tensors held after the call.
+    """
+    return ([g.data_ptr() for g in grads], [m.data_ptr() for m in masters], [g.numel() for g in grads],
+            [_GRAD_DTYPES[g.dtype] for g in grads])
 
 
 def _kernel_eligible(g: torch.Tensor, m: torch.Tensor) -> bool:
@@ -195,7 +198,7 @@ def _op_cuda(
             slow_g.append(g)
             slow_m.append(m)
     if fast_g:
-        gp, mp, sizes, dtypes, _ = _pointer_cache.get(fast_g, fast_m)
+        gp, mp, sizes, dtypes = pointer_tables(fast_g, fast_m)
         with torch.cuda.device(found_inf.device):
             stream = torch.cuda.current_stream(found_inf.device).cuda_stream
             ext.unscale_check_accumulate(

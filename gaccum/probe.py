@@ -33,7 +33,7 @@ from torch import nn
 from .accounting import LiveBytes
 from .autosplit import is_oom
 from .batch import batch_devices, batch_size
-from .master import HALF
+from .master import HALF, padded_offsets
 from .ops import unscale_check_accumulate_
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,11 +176,9 @@ class Rig:
             if any(not optimizer.state.get(p) for p in self.params):
                 optimizer.step()  # creates the state steady training carries; the weights are restored
             return
-        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=device)
-        self.views, off = [], 0
-        for p in self.params:
-            self.views.append(self.flat[off: off + p.numel()].view_as(p))
-            off += p.numel()
+        offsets = padded_offsets([p.numel() for p in self.params])  # laid out as MasterGrads lays it out
+        self.flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+        self.views = [self.flat[o: o + p.numel()].view_as(p) for o, p in zip(offsets, self.params)]
         self.weights = {p: (nn.Parameter(p.detach().to(torch.float32), requires_grad=True) if p.dtype in HALF else p)
                         for p in self.params}
         groups = [{**{k: v for k, v in g.items() if k != "params"},
