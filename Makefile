@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-proof gpu-proof-dry-run clean
 
 setup: $(VENV)/.ready
 
@@ -31,6 +31,14 @@ bench: setup
 	$(VPY) benchmarks/bench_kernel.py
 	$(VPY) benchmarks/bench_overhead.py
 	$(VPY) benchmarks/bench_planner.py
+
+# On a machine with a GPU: build, suite, tests/cuda, compute-sanitizer, benchmarks; writes
+# benchmarks/results/gpu_proof.json. The dry run (CI) checks the wiring without a GPU.
+gpu-proof: setup
+	$(VPY) benchmarks/gpu_proof.py
+
+gpu-proof-dry-run: setup
+	$(VPY) benchmarks/gpu_proof.py --dry-run
 
 clean:
 	rm -rf $(VENV) build gaccum/_C*.so *.egg-info

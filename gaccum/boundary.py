@@ -50,7 +50,31 @@ class BoundaryStep:
     """Mixed into the engine: the optimizer step at a window's end (the engine supplies the state)."""
 
     def _optimizer_step(self) -> StepResult:
+        """The step. Whatever raises inside it (a scheduler, a hook, the optimizer), the window ends:
+        it is discarded, and the counters say whether the optimizer had stepped, so training can go on
+        from a known state (the exception is re-raised)."""
         window_loss = float(self.loss_sum) / self.items if self.loss_sum is not None and self.items > 0 else None
+        self._stepped_now = False
+        try:
+            skipped, grad_norm, scale = self._step_window()
+        except BaseException:
+            if self._stepped_now:
+                self.optimizer_steps += 1
+            self.discard()
+            raise
+        if skipped:
+            self.skipped_steps += 1
+        self.discard()
+        result = StepResult(
+            stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm, loss_scale=scale,
+            micro_step=self.micro_steps, optimizer_step=self.optimizer_steps, loss=window_loss,
+        )
+        for cb in self.callbacks:
+            cb(result, self)
+        return result
+
+    def _step_window(self) -> tuple[bool, Optional[float], Optional[float]]:
+        """(skipped, grad norm, loss scale); counts a real step as soon as the optimizer has taken it."""
         grad_norm = None
         skipped = False
         scale = None
@@ -67,6 +91,7 @@ class BoundaryStep:
             if self.master_weights is not None:
                 self.master_weights.refresh_stale()
             self.scaler.step(self.optimizer)
+            self._stepped_now = not skipped
             self.scaler.update()
         else:
             for fn in self.pre_step_hooks:
@@ -77,28 +102,21 @@ class BoundaryStep:
                 skipped = not grads_finite([p.grad for p in opt_params if p.grad is not None])
             if skipped:
                 self.warn_nonfinite()
-            if not skipped:
+            else:
                 if self.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
                 if self.master_weights is not None:
                     self.master_weights.refresh_stale()
                 self.optimizer.step()
+                self._stepped_now = True
         if not skipped:
             if self.master_weights is not None:
                 self.master_weights.copy_back()
             if self.scheduler is not None:
                 self.scheduler.step()
             self.optimizer_steps += 1
-        else:
-            self.skipped_steps += 1
-        self.discard()
-        result = StepResult(
-            stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm, loss_scale=scale,
-            micro_step=self.micro_steps, optimizer_step=self.optimizer_steps, loss=window_loss,
-        )
-        for cb in self.callbacks:
-            cb(result, self)
-        return result
+            self._stepped_now = False  # counted
+        return skipped, grad_norm, scale
 
     def warn_nonfinite(self) -> None:
         """One rule on every path without a GradScaler: an inf/NaN window is discarded, counted, said once."""

@@ -50,3 +50,30 @@ def test_verify_misuse_and_a_float32_layer_in_a_float64_model_is_explained():
     if not report.passed:
         assert "float32 level" in str(report) and "tolerance=1e-6" in str(report)
     assert gaccum.verify(net, lambda m, b: F.mse_loss(m(b[0]), b[1]), (x, y), 2, tolerance=1e-6).passed
+
+
+def test_a_failure_inside_the_boundary_ends_the_window_in_a_known_state():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Exploding:
+        calls = 0
+
+        def step(self):
+            Exploding.calls += 1
+            if Exploding.calls == 1:
+                raise RuntimeError("scheduler bug")
+
+    acc = gaccum.Accumulator(model, opt, accum_steps=2, scheduler=Exploding())
+    x, y = regression_data(8)
+    with pytest.raises(RuntimeError, match="scheduler bug"):
+        for i in range(2):
+            with acc.accumulate():
+                acc.backward(F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]))
+    # the optimizer had stepped: counted; the window is gone, not half-kept
+    assert acc.optimizer_steps == 1 and acc.micro_in_window == 0
+    assert all(p.grad is None for p in model.parameters())
+    for i in range(2):  # and training goes on
+        with acc.accumulate():
+            r = acc.backward(F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]))
+    assert r.stepped and acc.optimizer_steps == 2
