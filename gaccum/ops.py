@@ -101,10 +101,7 @@ def _fallback(
             torch._foreach_add_(masters, grads)  # g * 1 is exact: nothing to round
         else:
             # add(alpha=s) is a fused multiply-add on CPU: round the product first, as the kernel does
-            up = [g.to(torch.float32, copy=True) for g in grads]
-            torch._foreach_mul_(up, s)
-            torch._foreach_add_(masters, up)
-            del up
+            _add_scaled_unfused(masters, grads, s)
         norms = torch.stack(torch._foreach_norm(masters))
         if not bool(torch.isfinite(norms).all()):
             for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
@@ -117,6 +114,26 @@ def _fallback(
         _fallback_no_sync(grads, masters, found_inf, inv_scale, overwrite, sq_norm)
     if zero_grads:
         torch._foreach_zero_(grads)
+
+
+_CHUNK = 1 << 18  # 1 MiB of FP32: the scratch stays in cache, so the extra passes cost little
+
+
+def _add_scaled_unfused(masters: list[torch.Tensor], grads: list[torch.Tensor], s: float) -> None:
+    """masters += float32(grads) * s, the product rounded first, through one small reused FP32 buffer
+    (an FP32 copy of every gradient would cost ~4x a plain copy; this costs ~1.4x)."""
+    buf = torch.empty(min(_CHUNK, max(g.numel() for g in grads)), dtype=torch.float32, device=masters[0].device)
+    for g, m in zip(grads, masters):
+        if not (g.is_contiguous() and m.is_contiguous()):
+            m.add_(g.to(torch.float32, copy=True).mul_(s))
+            continue
+        gf, mf = g.view(-1), m.view(-1)
+        for a in range(0, gf.numel(), _CHUNK):
+            piece = mf[a: a + _CHUNK]
+            t = buf[: piece.numel()]
+            t.copy_(gf[a: a + _CHUNK])
+            t.mul_(s)
+            piece.add_(t)
 
 
 def _fallback_no_sync(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor,

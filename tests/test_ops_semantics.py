@@ -22,8 +22,9 @@ def reference(m, g, s, overwrite=False):
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_bitwise_the_unfused_semantics(path, dtype, s, overwrite):
     g = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(n, generator=g) * 1e3).to(dtype) for n in (1, 7, 4099)]
-    masters = [torch.randn(n, generator=g) * 1e3 for n in (1, 7, 4099)]
+    sizes = (1, 7, 4099, (1 << 18) + 5)  # the last spans two chunks of the CPU scratch buffer
+    grads = [(torch.randn(n, generator=g) * 1e3).to(dtype) for n in sizes]
+    masters = [torch.randn(n, generator=g) * 1e3 for n in sizes]
     want = [reference(m, gr, s, overwrite) for m, gr in zip(masters, grads)]
     found = torch.zeros(1)
     if path == "op":
