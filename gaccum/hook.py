@@ -13,15 +13,20 @@ the window's whole gradient, as in large-batch training; between boundaries
 ``scheduler=`` its ``step()`` only advances after a real optimizer step, and
 ``flush()`` steps it too. Half-precision parameters keep FP32 master gradients
 (master.py); there a clip must be ``max_grad_norm=`` (the model's ``.grad`` stays
-empty). Under DDP the hook refuses: it cannot see the model's forward, so it
-cannot keep DDP from reducing every micro-step; the Accumulator can.
+empty). Under DDP it needs ``model=ddp_model``: it sets the flag ``no_sync`` sets
+(``require_backward_grad_sync``) before each forward, so DDP reduces only the window's last
+micro-step, into which the window has been added (a tensor hook, before DDP's reducer sees the
+gradient); a partial window, which never synced, is all-reduced by ``flush()``. Without the model it
+refuses.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from ._dist import world_size
 from .boundary import StepResult, grads_finite
@@ -42,12 +47,15 @@ class AccumulationHook:
         scheduler: Any = None,
         max_grad_norm: Optional[float] = None,
         master_grads: bool | str = "auto",
+        model: Optional[nn.Module] = None,
     ) -> None:
         check_unclaimed(optimizer)
-        if world_size() > 1:
+        self.ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        if world_size() > 1 and self.ddp is None:
             raise ValueError(
-                "gaccum: hook() under torch.distributed cannot keep DDP from reducing on every micro-step (it never "
-                "sees the forward); use gaccum.Accumulator(ddp_model, optimizer, ...), which runs no_sync"
+                "gaccum: hook() under torch.distributed must be given the DDP model, hook(optimizer, accum_steps=N, "
+                "model=ddp_model), so that the micro-steps between boundaries skip DDP's reduction as no_sync does "
+                "(it sees the model through nothing else); or use gaccum.Accumulator(ddp_model, optimizer, ...)"
             )
         check_scaler_and_scheduler(scaler, scheduler)
         params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
@@ -71,10 +79,16 @@ class AccumulationHook:
         self._moved_back: set[torch.Tensor] = set()
         self.params = self.engine.params
         self.paused = False
-        self._handles = ([] if self.engine.masters is not None else
-                         [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.engine.params])
+        if self.ddp is not None and self.engine.masters is not None:
+            self.engine.masters.remove()
+            raise ValueError("gaccum: hook(model=ddp_model) with half-precision parameters (FP32 masters) is not "
+                             "supported; use gaccum.Accumulator(ddp_model, optimizer, ...) or master_grads=False")
+        self._handles = [] if self.engine.masters is not None else [
+            h for p in self.engine.params for h in (p.register_post_accumulate_grad_hook(self._grad_ready),
+                                                    p.register_hook(functools.partial(self._merge, p)))]
         if self._handles:
             _LIVE.add(self)
+        self._set_sync()
         def step(*args: Any, **kwargs: Any) -> Any:
             return self._optimizer_step(*args, **kwargs)
 
@@ -121,28 +135,36 @@ class AccumulationHook:
     def _last_micro(self) -> bool:
         return self.engine.micro + 1 >= self.engine.accum_steps
 
+    def _merge(self, p: torch.Tensor, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """Before autograd accumulates p's gradient in the window's last micro-step: add the window and
+        divide by N, so what reaches .grad (and DDP's reducer, which runs this micro-step) is the mean."""
+        if self._stepping or self.paused or not self._last_micro() or p in self._moved_back:
+            return None
+        self._moved_back.add(p)
+        held = self.window.pop(p, None)
+        return (grad if held is None else grad + held) / (self.engine.micro + 1)
+
     def _grad_ready(self, p: torch.Tensor) -> None:
-        """After autograd accumulated p's gradient: into the window, or (last micro-step) the window back."""
-        if p.grad is None or self._stepping or self.paused:
+        """After autograd accumulated p's gradient between boundaries: into the window, out of .grad."""
+        if p.grad is None or self._stepping or self.paused or self._last_micro():
             return
         held = self.window.get(p)
-        if self._last_micro():
-            if p in self._moved_back:
-                return  # a second backward in the same micro-step: its gradient is simply added
-            if held is not None:
-                p.grad.add_(held)
-                del self.window[p]
-            p.grad.div_(self.engine.micro + 1)
-            self._moved_back.add(p)
-            return
         if held is None:
             self.window[p] = p.grad  # steal the tensor: nothing copied
         else:
             held.add_(p.grad)
         p.grad = None
 
-    def _window_to_grad(self, k: int) -> None:
-        """What is still in the window (a partial one, or parameters the last backward did not reach)."""
+    def _set_sync(self) -> None:
+        """DDP reduces only in the window's last micro-step (what no_sync does, set before the forward)."""
+        if self.ddp is not None:
+            self.ddp.require_backward_grad_sync = self.engine.masters is not None or self._last_micro()
+
+    def _window_to_grad(self, k: int, reduce: bool = False) -> None:
+        """What is still in the window (a partial one, or parameters the last backward did not reach);
+        ``reduce``: a partial window under DDP, whose micro-steps all skipped the reduction."""
+        if reduce and self.ddp is not None:
+            self.engine._allreduce_mean([self.window[p] for p in self.engine.params if p in self.window])
         with torch.no_grad():
             for p, held in self.window.items():
                 if p.grad is None:
@@ -161,13 +183,14 @@ class AccumulationHook:
         last = self._last_micro()
         eng.end_micro(1.0, synced=True)
         if not last:
+            self._set_sync()
             return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
         return self._real_step(eng.micro)
 
-    def _real_step(self, k: int) -> StepResult:
+    def _real_step(self, k: int, partial: bool = False) -> StepResult:
         """The window's mean gradient is in .grad: the user's unscale/clip may already have run; step it."""
         eng = self.engine
-        self._window_to_grad(k)
+        self._window_to_grad(k, reduce=partial)
         self._moved_back = set()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grads = [p.grad for p in params if p.grad is not None]
@@ -200,6 +223,7 @@ class AccumulationHook:
             eng.optimizer_steps += 1
             self._scheduler_pending += 1
         eng.discard()
+        self._set_sync()
         return StepResult(stepped=not skipped, skipped=skipped, boundary=True, grad_norm=grad_norm,
                           loss_scale=scale, micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
 
@@ -257,17 +281,22 @@ class AccumulationHook:
         return None
 
     def flush(self, drop: bool = False) -> Optional[StepResult]:
-        """Step (or drop) a partial last window, weighted by its real length; the scheduler follows."""
+        """Step (or drop) a partial last window, weighted by its real length; the scheduler follows.
+
+        It runs after the loop, so the loop's own clip never sees this window: ``max_grad_norm=``
+        given to the hook clips it. Under DDP every rank must call it (it all-reduces the window).
+        """
         if self.engine.micro == 0:
             return None
         if drop:
             self.window, self._moved_back = {}, set()
             self.engine.discard()
+            self._set_sync()
             return None
         if self.engine.masters is not None:
             result = self._boundary(partial=True)
         else:
-            result = self._real_step(self.engine.micro)
+            result = self._real_step(self.engine.micro, partial=True)
             if self._update_due:
                 self._scaler_update()
         if self.scheduler is not None and self._scheduler_pending > 0:
@@ -280,6 +309,8 @@ class AccumulationHook:
             h.remove()
         self._handles = []
         _LIVE.discard(self)
+        if self.ddp is not None:
+            self.ddp.require_backward_grad_sync = True
         for obj, name, _ in reversed(self._orig):
             if name in vars(obj):
                 delattr(obj, name)
@@ -299,10 +330,13 @@ def hook(
     scheduler: Any = None,
     max_grad_norm: Optional[float] = None,
     master_grads: bool | str = "auto",
+    model: Optional[nn.Module] = None,
 ) -> AccumulationHook:
     """Make an unchanged per-micro-batch loop accumulate ``accum_steps`` micro-batches per step.
 
-    ``accum_steps`` may be a schedule, ``{0: 4, 1000: 8}``, as for :class:`Accumulator`.
+    ``accum_steps`` may be a schedule, ``{0: 4, 1000: 8}``, as for :class:`Accumulator`. Under DDP pass
+    ``model=ddp_model``: DDP then reduces once per window (the last micro-step), as under ``no_sync``,
+    and every rank must call ``flush()`` for a partial last window.
     """
     return AccumulationHook(optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
-                            max_grad_norm=max_grad_norm, master_grads=master_grads)
+                            max_grad_norm=max_grad_norm, master_grads=master_grads, model=model)

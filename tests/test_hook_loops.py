@@ -199,3 +199,48 @@ def test_hook_on_gpt2_with_model_zero_grad_and_a_clip():
         opt.step()
         ours.zero_grad()
     assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-12
+
+
+def _hook_ddp_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, y = regression_data(40)
+        model = nn.parallel.DistributedDataParallel(mlp())
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        reductions = []
+
+        def counting(state, bucket):  # DDP's public comm-hook API: count what DDP reduces
+            reductions.append(bucket.index())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        h = gaccum.hook(opt, accum_steps=2, model=model)
+        for i in range(5):  # global micro-batches of 8: 4 per rank; windows of 2, then a partial one
+            lo = i * 8 + rank * 4
+            F.mse_loss(model(x[lo:lo + 4]), y[lo:lo + 4]).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            model.zero_grad()
+        r = h.flush()
+        out[rank] = ([p.detach().clone() for p in model.parameters()], h.optimizer_steps, r.stepped, len(reductions))
+        h.remove()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hook_with_the_ddp_model_reduces_once_per_window_and_equals_the_global_batch():
+    out = mp.Manager().dict()
+    mp.start_processes(_hook_ddp_worker, args=(free_port(), out), nprocs=2, start_method="spawn", join=True)
+    x, y = regression_data(40)
+    ref = mlp()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    large_batch(ref, ref_opt, [(x[:16], y[:16]), (x[16:32], y[16:32])], clip=0.05)
+    large_batch(ref, ref_opt, [(x[32:], y[32:])])  # flush() runs after the loop: the loop's clip never sees it
+    for rank in range(2):
+        params, steps, flushed, reductions = out[rank]
+        assert steps == 3 and flushed
+        assert reductions == 2  # one bucket, once per full window (the partial one is flush()'s own)
+        assert max_abs_diff(params, ref.parameters()) < 1e-12
