@@ -180,8 +180,11 @@ class MicroBatchMixin:
         eng = self.engine
         size = batch_size(batch)
         is_last = eng.micro + 1 >= eng.accum_steps or bool(last)
-        sync = is_last and eng.masters is None
-        if self._touch is None and self.on_oom == "split" and not self.ddp:
+        # Under DDP with splitting armed, no piece lets DDP reduce during backward: a rank that splits would
+        # make a different number of backward passes, and the others would wait in a collective. The engine
+        # reduces the window by hand at its end instead (one flat all-reduce, the same call on every rank).
+        sync = is_last and eng.masters is None and not (self.ddp and self.on_oom == "split")
+        if self._touch is None and self.on_oom == "split":
             self._touch = TouchTracker(eng.params, eng.masters)
         # gaccum sees the batch here: every micro-batch weighs what it holds (a short last one too)
         run = _Run(size=size, n_full=float(size), loss_fn=loss_fn)
@@ -207,11 +210,6 @@ class MicroBatchMixin:
         except Exception as exc:  # noqa: BLE001 - only an OOM is handled; the rest re-raised as is
             if not is_oom(exc) or self.on_oom != "split":
                 raise
-            if self.ddp:
-                raise torch.OutOfMemoryError(
-                    f"{exc}\ngaccum: splitting a micro-batch on out-of-memory is not supported under DDP (the "
-                    "ranks' reducers would disagree); plan with gaccum.plan, which agrees on the smallest budget"
-                ) from exc
             if k == 1:
                 raise torch.OutOfMemoryError(
                     f"{exc}\ngaccum: out of memory on a micro-batch of 1 sample; nothing smaller to split into. "
