@@ -1,0 +1,110 @@
+"""Hugging Face Trainer: ``TrainingArguments`` from a plan, and a callback that reports each window.
+
+``plan_training_arguments(model, args, train_dataset, data_collator, target_bs=256)`` probes the
+model with the dataset's *longest* samples, through the collator (memory grows with length), and
+returns ``(new_args, plan)`` with ``per_device_train_batch_size`` and
+``gradient_accumulation_steps`` set. The Trainer batches at one fixed size, so the micro-batch is the
+largest size that fits *and divides* the per-device target when that loses little, else the plan's
+largest with a few samples more per step (said in ``plan.notes``). ``GaccumTrainerCallback`` records,
+per optimizer step, whether it was skipped for inf/NaN (Accelerate's ``step_was_skipped``) and the
+window's token count (with ``include_num_input_tokens_seen``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..plan import Plan, plan as make_plan
+
+
+def _length(example: Any) -> int:
+    if isinstance(example, dict):
+        ids = example.get("input_ids", next(iter(example.values())))
+        return len(ids)
+    return len(example)
+
+
+def _micro_for_trainer(per_device: int, largest: int) -> int:
+    """The largest divisor of the per-device target that fits, unless it wastes over half of what fits."""
+    best = max(d for d in range(1, min(per_device, largest) + 1) if per_device % d == 0)
+    return best if best * 2 > largest or best == per_device else largest
+
+
+def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: Any,
+                            data_collator: Optional[Callable[[list], Any]] = None, *, target_bs: int,
+                            memory_limit: Optional[int | str] = None, headroom: float | int | str = 0.05,
+                            longest: int = 4096, **plan_kwargs: Any) -> tuple[Any, Plan]:
+    """``(TrainingArguments with batch size and accumulation from a plan, the plan)``; ``args`` is untouched.
+
+    ``target_bs`` is the global batch (all devices). ``longest``: how many samples are scanned for
+    the longest ones (the whole dataset when it is smaller).
+    """
+    try:
+        from transformers import default_data_collator
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise ImportError("gaccum.integrations.transformers needs transformers: pip install gaccum[integrations]") from exc
+    collate = data_collator or default_data_collator
+    n = len(train_dataset)
+    scanned = range(min(n, longest))
+    order = sorted(scanned, key=lambda i: _length(train_dataset[i]), reverse=True)
+    device = next(model.parameters()).device
+
+    def sample(b: int) -> Any:
+        items = [train_dataset[order[i % len(order)]] for i in range(b)]
+        batch = collate(items)
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return m(**batch).loss
+
+    amp = "bf16" if getattr(args, "bf16", False) else ("fp16" if getattr(args, "fp16", False) else None)
+    p = make_plan(model, target_bs=target_bs, sample=sample, loss_fn=loss_fn, amp=amp, memory_limit=memory_limit,
+                  headroom=headroom, **plan_kwargs)
+    per_device = target_bs // p.world_size
+    micro = _micro_for_trainer(per_device, p.max_micro_batch)
+    steps = -(-per_device // micro)
+    if micro * steps != per_device:
+        p.notes.append(f"the Trainer batches at one size: {steps} x {micro} = {micro * steps} per device, "
+                       f"{micro * steps - per_device} more than the target's {per_device}")
+    new = dataclasses.replace(args, per_device_train_batch_size=micro, gradient_accumulation_steps=steps)
+    return new, p
+
+
+try:
+    from transformers import TrainerCallback as _Base
+except ImportError:  # pragma: no cover - gaccum never needs transformers itself
+    _Base = object  # type: ignore[misc,assignment]
+
+
+class GaccumTrainerCallback(_Base):  # type: ignore[misc,valid-type]
+    """Per optimizer step: ``{"step", "skipped", "window_tokens"}`` in ``records`` (and in the logs)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._tokens_before = 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> Any:
+        seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.records.append({
+            "step": state.global_step,
+            "skipped": bool(getattr(optimizer, "step_was_skipped", False)),
+            "window_tokens": (seen - self._tokens_before) if seen else None,
+        })
+        self._tokens_before = seen
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> Any:
+        """Into the entry the Trainer has just added to ``state.log_history`` (and the logs dict)."""
+        if not self.records:
+            return control
+        extra = {"gaccum_skipped_steps": sum(r["skipped"] for r in self.records)}
+        if self.records[-1]["window_tokens"] is not None:
+            extra["gaccum_window_tokens"] = self.records[-1]["window_tokens"]
+        if logs is not None:
+            logs.update(extra)
+        if state.log_history:
+            state.log_history[-1].update(extra)
+        return control

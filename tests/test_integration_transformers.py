@@ -1,0 +1,68 @@
+"""The Hugging Face Trainer, for real on CPU: TrainingArguments from a plan (probed with the longest
+samples through the collator), and the callback that reports each window."""
+
+import pytest
+import torch
+
+import gaccum
+from gaccum.autosplit import MemoryBudget
+
+transformers = pytest.importorskip("transformers")
+from gaccum.integrations.transformers import GaccumTrainerCallback, plan_training_arguments  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def dataset(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 48, (n,), generator=g).tolist()
+    lengths[17] = 64  # one long sample: the plan must probe with it
+    return [{"input_ids": torch.randint(0, VOCAB, (n_,), generator=g).tolist()} for n_ in lengths]
+
+
+def collate(items):
+    longest = max(len(it["input_ids"]) for it in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    mask = torch.zeros(len(items), longest, dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+        mask[i, : len(it["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_plan_training_arguments_probes_the_longest_and_the_trainer_runs_under_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("GACCUM_CACHE_DIR", str(tmp_path / "cache"))
+    model, data = tiny_gpt2(), dataset()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=2,
+                                          logging_steps=1, save_strategy="no", learning_rate=1e-3,
+                                          include_num_input_tokens_seen=True, dataloader_drop_last=True)
+    seen = []
+    original = collate
+
+    def spying(items):
+        seen.append(max(len(it["input_ids"]) for it in items))
+        return original(items)
+
+    new_args, plan = plan_training_arguments(model, args, data, spying, target_bs=32, memory_limit="6MiB",
+                                             headroom=0, cache=False)
+    assert max(seen) == 64  # probed with the longest sample, through the collator
+    assert plan.max_micro_batch < 32  # the budget makes accumulation necessary
+    micro, steps = new_args.per_device_train_batch_size, new_args.gradient_accumulation_steps
+    assert micro <= plan.max_micro_batch and micro * steps >= 32 and 32 % micro == 0
+    assert args.per_device_train_batch_size == 8 and args.gradient_accumulation_steps == 1  # untouched
+
+    callback = GaccumTrainerCallback()
+    trainer = transformers.Trainer(model=model, args=new_args, train_dataset=data, data_collator=collate,
+                                   callbacks=[callback])
+    with MemoryBudget(plan.budget, model, torch.optim.SGD(model.parameters(), lr=0)):
+        trainer.train()  # any micro-batch over the plan's budget raises here
+    assert trainer.state.global_step == 2
+    assert [r["skipped"] for r in callback.records] == [False, False]
+    assert all(r["window_tokens"] > 0 for r in callback.records)
+    assert any("gaccum_window_tokens" in h for h in trainer.state.log_history)
