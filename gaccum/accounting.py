@@ -5,7 +5,9 @@ on fake tensors, to plan without the device) there is no such allocator, so
 :class:`LiveBytes` counts it: every storage it is told about (model, gradients,
 optimizer state, master buffers) and every storage an operator returns while it
 is active, each once however many views share it, and subtracts a storage the
-moment its last reference dies (a weak reference's callback). Nothing is
+moment its last reference dies (a weak reference's callback). A view of memory
+that was already there (a slice of a dataset held in RAM) is not new memory and
+is not counted. Nothing is
 registered on modules or parameters, so frozen parameters (LoRA, adapters, a
 frozen backbone) need nothing special, and nothing is left behind.
 
@@ -94,9 +96,19 @@ class LiveBytes(TorchDispatchMode):
     # -- the dispatcher ----------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._add(t)
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = _storage(t)
+            if st is None:
+                continue
+            if id(st) not in self._seen:
+                if inputs is None:  # a view (or in-place op) of memory that was there before: not new memory
+                    inputs = {id(_storage(a)) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+                if id(st) in inputs:
+                    continue
+            self._add(t)
         if self.live > self.peak:
             self.peak = self.live
             if self.budget is not None and self.live > self.budget:

@@ -61,3 +61,30 @@ def test_the_plan_owns_the_accumulation_steps_and_gaccum_never_imports_the_frame
     code = "import sys, gaccum; print([m for m in ('accelerate', 'lightning', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_accelerate_trains_a_real_plan_under_its_budget(tmp_path, monkeypatch):
+    from gaccum.autosplit import MemoryBudget
+
+    monkeypatch.setenv("GACCUM_CACHE_DIR", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(1024, 64, generator=g), torch.randint(0, 10, (1024,), generator=g))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    plan = gaccum.plan(model, 256, lambda b: data[:b], loss, optimizer=opt, memory_limit="1MiB", headroom=0)
+    assert plan.accum_steps > 1
+    with pytest.warns(UserWarning) if len(set(plan.window)) > 1 else _nothing():
+        accelerator, loader = accelerator_from_plan(plan, data, accelerator_kwargs={"cpu": True})
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    acc = gaccum.Accumulator(model, opt, plan=plan, memory_limit=plan.budget)  # OOM signal over the budget
+    for xb, yb in loader:
+        acc.micro_batch((xb, yb), loss)
+    assert acc.optimizer_steps == 4 and acc.oom_splits == 0 and acc.peak_memory <= plan.budget
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

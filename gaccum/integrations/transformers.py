@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..plan import Plan, plan as make_plan
+from ._common import even_micro_batch
 
 
 def _length(example: Any) -> int:
@@ -25,12 +26,6 @@ def _length(example: Any) -> int:
         ids = example.get("input_ids", next(iter(example.values())))
         return len(ids)
     return len(example)
-
-
-def _micro_for_trainer(per_device: int, largest: int) -> int:
-    """The largest divisor of the per-device target that fits, unless it wastes over half of what fits."""
-    best = max(d for d in range(1, min(per_device, largest) + 1) if per_device % d == 0)
-    return best if best * 2 > largest or best == per_device else largest
 
 
 def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: Any,
@@ -64,7 +59,7 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
     p = make_plan(model, target_bs=target_bs, sample=sample, loss_fn=loss_fn, amp=amp, memory_limit=memory_limit,
                   headroom=headroom, **plan_kwargs)
     per_device = target_bs // p.world_size
-    micro = _micro_for_trainer(per_device, p.max_micro_batch)
+    micro = even_micro_batch(per_device, p.max_micro_batch)
     steps = -(-per_device // micro)
     if micro * steps != per_device:
         p.notes.append(f"the Trainer batches at one size: {steps} x {micro} = {micro * steps} per device, "

@@ -1,0 +1,11 @@
+"""What the adapters share: frameworks batch at one fixed size, so the window must be even."""
+
+from __future__ import annotations
+
+
+def even_micro_batch(per_device: int, largest: int) -> int:
+    """The micro-batch for a framework that batches at one size: the largest divisor of the per-device
+    target that fits (the effective batch is then exactly the target), unless it wastes over half of
+    what fits; then the largest that fits (a few samples more per step)."""
+    best = max(d for d in range(1, min(per_device, largest) + 1) if per_device % d == 0)
+    return best if best * 2 > largest or best == per_device else largest
