@@ -50,7 +50,9 @@ def test_plan_training_arguments_probes_the_longest_and_the_trainer_runs_under_t
         return original(items)
 
     new_args, plan = plan_training_arguments(model, args, data, spying, target_bs=32, memory_limit="6MiB",
-                                             headroom=0, cache=False)
+                                             headroom=0, cache=False, return_plan=True)
+    assert isinstance(plan_training_arguments(model, args, data, collate, target_bs=32, memory_limit="6MiB",
+                                              headroom=0, cache=False), transformers.TrainingArguments)
     assert max(seen) == 64  # probed with the longest sample, through the collator
     assert plan.max_micro_batch < 32  # the budget makes accumulation necessary
     micro, steps = new_args.per_device_train_batch_size, new_args.gradient_accumulation_steps

@@ -2,7 +2,7 @@
 
 ``plan_training_arguments(model, args, train_dataset, data_collator, target_bs=256)`` probes the
 model with the dataset's *longest* samples, through the collator (memory grows with length), and
-returns ``(new_args, plan)`` with ``per_device_train_batch_size`` and
+returns new ``TrainingArguments`` (``return_plan=True``: and the plan) with ``per_device_train_batch_size`` and
 ``gradient_accumulation_steps`` set. The Trainer batches at one fixed size, so the micro-batch is the
 largest size that fits *and divides* the per-device target when that loses little, else the plan's
 largest with a few samples more per step (said in ``plan.notes``). ``GaccumTrainerCallback`` records,
@@ -31,8 +31,9 @@ def _length(example: Any) -> int:
 def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: Any,
                             data_collator: Optional[Callable[[list], Any]] = None, *, target_bs: int,
                             memory_limit: Optional[int | str] = None, headroom: float | int | str = 0.05,
-                            longest: int = 4096, **plan_kwargs: Any) -> tuple[Any, Plan]:
-    """``(TrainingArguments with batch size and accumulation from a plan, the plan)``; ``args`` is untouched.
+                            longest: int = 4096, return_plan: bool = False, **plan_kwargs: Any) -> Any:
+    """``TrainingArguments`` with the batch size and accumulation from a plan (``args`` is untouched);
+    with ``return_plan=True``, ``(arguments, plan)``.
 
     ``target_bs`` is the global batch (all devices). ``longest``: how many samples are scanned for
     the longest ones (the whole dataset when it is smaller).
@@ -65,7 +66,7 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
         p.notes.append(f"the Trainer batches at one size: {steps} x {micro} = {micro * steps} per device, "
                        f"{micro * steps - per_device} more than the target's {per_device}")
     new = dataclasses.replace(args, per_device_train_batch_size=micro, gradient_accumulation_steps=steps)
-    return new, p
+    return (new, p) if return_plan else new
 
 
 try:
