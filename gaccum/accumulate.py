@@ -23,6 +23,25 @@ from .engine import _check_items, _check_loss, _Engine, check_unclaimed
 from .schedule import AccumulationSchedule, as_schedule
 
 
+def fsdp_root(model: nn.Module) -> Optional[nn.Module]:
+    """The outermost FSDP2 (``fully_shard``) module, if the model has one."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+
+
+@contextlib.contextmanager
+def _fsdp_sync(root: Any, sync: bool) -> Iterator[None]:
+    """FSDP2's no_sync: gradients accumulate unsharded and unreduced until a micro-step that syncs."""
+    root.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
 def batch_norm_layers(model: nn.Module) -> list[str]:
     """Names of layers whose forward depends on the micro-batch's statistics."""
     return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -95,16 +114,27 @@ class Accumulator(MicroBatchMixin):
             raise TypeError("gaccum: Accumulator needs accum_steps=N or plan=gaccum.plan(...)")
         self.model = model
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.fsdp = fsdp_root(model)
         inner = model.module if self.ddp else model
         first = next(inner.parameters(), None)
         self.memory_limit = check_memory_limit(memory_limit, first.device if first is not None else None)
         check_unclaimed(optimizer)
         self.engine = _Engine(
             list(inner.parameters()), optimizer, accum_steps, scaler=scaler, scheduler=scheduler,
-            max_grad_norm=max_grad_norm, master_grads=master_grads, nonfinite=nonfinite, distributed=self.ddp,
+            max_grad_norm=max_grad_norm, master_grads=master_grads, nonfinite=nonfinite, distributed=self.ddp or self.fsdp is not None,
             names={id(p): n for n, p in inner.named_parameters()},
         )
         self.engine.window = window
+        self.engine.sharded = self.fsdp is not None
+        if self.fsdp is not None and self.engine.masters is not None:
+            self.engine.masters.remove()
+            if self.engine.master_weights is not None:
+                self.engine.master_weights.restore()
+            raise ValueError(
+                "gaccum: FP32 master gradients under FSDP2 are not supported; keep FP32 sharded parameters and let "
+                "FSDP2 compute in bf16 (fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+                "reduce_dtype=torch.float32))), or pass master_grads=False"
+            )
         optimizer._gaccum_accumulator = weakref.ref(self)  # type: ignore[attr-defined]
         self.drop_last = drop_last
         self.on_oom = on_oom
@@ -201,7 +231,7 @@ class Accumulator(MicroBatchMixin):
         eng = self.engine
         is_last = eng.micro + 1 >= eng.accum_steps or bool(last)
         sync = is_last and eng.masters is None
-        ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
+        ctx = self.sync_context(sync)
         self._in_micro, self._backward_done, self._synced_this_micro = True, False, sync
         self._last_flag = bool(last)
         self._fed_size = None
@@ -300,6 +330,20 @@ class Accumulator(MicroBatchMixin):
         return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
 
     # -- gaccum runs the forward: out-of-memory splitting --------------------------
+    def sync_context(self, sync: bool) -> Any:
+        """DDP's no_sync, or FSDP2's requires_gradient_sync, for a micro-step that must not reduce."""
+        if self.fsdp is not None:
+            return _fsdp_sync(self.fsdp, sync)
+        return self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
+
+    def _check_fsdp_window_end(self) -> None:
+        if self.fsdp is not None and self.engine.micro and not self.engine.last_synced:
+            raise RuntimeError(
+                "gaccum: under FSDP2 the gradients of micro-steps that did not sync live inside FSDP, unreduced; "
+                "they can be neither stepped nor dropped after the fact. Mark the data's last micro-step instead: "
+                "acc.accumulate(last=True) or acc.micro_batch(batch, loss_fn, last=True). Nothing was changed"
+            )
+
     def flush(self, drop: Optional[bool] = None) -> Optional[StepResult]:
         """End a partial last window: step it weighted by its real size, or drop it.
 
@@ -310,6 +354,7 @@ class Accumulator(MicroBatchMixin):
         eng = self.engine
         if eng.micro == 0:
             return None
+        self._check_fsdp_window_end()
         if self.drop_last if drop is None else drop:
             eng.discard()
             return None
@@ -317,9 +362,13 @@ class Accumulator(MicroBatchMixin):
 
     def zero_grad(self) -> None:
         """Discard the current window (its gradients) without stepping."""
+        self._check_fsdp_window_end()
         self.engine.discard()
 
     def state_dict(self) -> dict[str, Any]:
+        if self.fsdp is not None and self.engine.micro:
+            raise RuntimeError("gaccum: under FSDP2 a window's unreduced gradients live inside FSDP; checkpoint "
+                               "at a window boundary (acc.micro_in_window == 0)")
         return self.engine.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

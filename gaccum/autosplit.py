@@ -184,6 +184,8 @@ class MicroBatchMixin:
         # make a different number of backward passes, and the others would wait in a collective. The engine
         # reduces the window by hand at its end instead (one flat all-reduce, the same call on every rank).
         sync = is_last and eng.masters is None and not (self.ddp and self.on_oom == "split")
+        if self.fsdp is not None:
+            sync = is_last  # FSDP2 reduces in the last micro-step; it cannot be reduced by hand afterwards
         if self._touch is None and self.on_oom == "split":
             self._touch = TouchTracker(eng.params, eng.masters)
         # gaccum sees the batch here: every micro-batch weighs what it holds (a short last one too)
@@ -210,6 +212,12 @@ class MicroBatchMixin:
         except Exception as exc:  # noqa: BLE001 - only an OOM is handled; the rest re-raised as is
             if not is_oom(exc) or self.on_oom != "split":
                 raise
+            if self.fsdp is not None:
+                raise torch.OutOfMemoryError(
+                    f"{exc}\ngaccum: a micro-batch that runs out of memory is not split under FSDP2: its forward "
+                    "all-gathers parameters, and a rank that stopped midway would leave the others waiting in that "
+                    "collective. Plan with gaccum.plan, or use DDP, where splitting is supported"
+                ) from exc
             if k == 1:
                 raise torch.OutOfMemoryError(
                     f"{exc}\ngaccum: out of memory on a micro-batch of 1 sample; nothing smaller to split into. "
@@ -244,7 +252,7 @@ class MicroBatchMixin:
 
     def _attempt(self, piece: Any, k: int, run: "_Run", sync: bool, done_params: frozenset) -> None:
         eng = self.engine
-        ddp_ctx = self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
+        ddp_ctx = self.sync_context(sync)
         watch = self._touch.attempt(done_params) if self._touch is not None else contextlib.nullcontext()
         budget: Any = contextlib.nullcontext()
         if self.memory_limit is not None:

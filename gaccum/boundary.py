@@ -17,11 +17,29 @@ import torch
 from ._checks import warn_user
 
 
-def grads_finite(grads: list[torch.Tensor]) -> bool:
-    """One fused pass over the window's gradients at the boundary (a single sync), not one per micro-step."""
-    if not grads:
-        return True
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+def grads_finite(grads: list[torch.Tensor], across_ranks: bool = False) -> bool:
+    """One fused pass over the window's gradients at the boundary (a single sync), not one per micro-step.
+
+    Sharded (DTensor) gradients are checked on this rank's shard; ``across_ranks`` makes every rank
+    agree (a shard elsewhere may hold the inf), so they all skip together.
+    """
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    ok = all(bool(torch.stack(torch._foreach_norm(chunk)).isfinite().all())
+             for chunk in _by_device_dtype(local)) if local else True
+    if across_ranks:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        ok = float(flag) == 0.0
+    return ok
+
+
+def _by_device_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,11 @@ class StepResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _as_float(t: torch.Tensor) -> float:
+    """A norm as a number; FSDP2's clip returns it as a (replicated) DTensor."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 class BoundaryStep:
@@ -85,7 +108,7 @@ class BoundaryStep:
             for fn in self.pre_step_hooks:
                 fn(self)
             if self.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+                grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
             found = sum(float(v) for v in self.scaler._found_inf_per_device(self.optimizer).values())
             skipped = found > 0
             if self.master_weights is not None:
@@ -99,12 +122,13 @@ class BoundaryStep:
             if self.masters is not None:
                 skipped = float(self.masters.found_inf) > 0
             else:
-                skipped = not grads_finite([p.grad for p in opt_params if p.grad is not None])
+                skipped = not grads_finite([p.grad for p in opt_params if p.grad is not None],
+                                           across_ranks=self.sharded)
             if skipped:
                 self.warn_nonfinite()
             else:
                 if self.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
+                    grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(opt_params, self.max_grad_norm))
                 if self.master_weights is not None:
                     self.master_weights.refresh_stale()
                 self.optimizer.step()

@@ -164,6 +164,7 @@ class _Engine(BoundaryStep):
         self.micro_batch_limit: Optional[int] = None
         self.oom_splits = 0
         self._warned_nonfinite = False
+        self.sharded = False  # FSDP2: gradients are DTensor shards, so checks agree across ranks
         self.window_peak = 0  # under a CPU memory_limit: the most live during this window's micro-steps
         self.last_window_peak = 0
         self.callbacks: list[Callable[[StepResult, "_Engine"], None]] = []
