@@ -145,3 +145,12 @@ def largest_under(peak_of, budget, cap):
         else:
             hi = mid
     return lo
+
+
+def window_plan(window):
+    """A Plan with the given window, as gaccum.plan would return it (no probing: for weighting tests)."""
+    import gaccum
+
+    return gaccum.Plan(micro_batch_size=max(window), accum_steps=len(window), effective_batch_size=sum(window),
+                       window=list(window), target_bs=sum(window), world_size=1, peak_memory=None,
+                       memory_limit=1 << 30, headroom=0, device="cpu", amp=None)

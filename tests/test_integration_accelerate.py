@@ -10,21 +10,15 @@ from torch.utils.data import TensorDataset
 
 import gaccum
 from conftest import max_abs_diff, mlp, regression_data
-from helpers import large_batch_train
+from helpers import large_batch_train, window_plan
 
 pytest.importorskip("accelerate")
 from gaccum.integrations.accelerate import accelerator_from_plan  # noqa: E402
 
 
-def _plan(window):
-    return gaccum.Plan(micro_batch_size=max(window), accum_steps=len(window), effective_batch_size=sum(window),
-                       window=list(window), target_bs=sum(window), world_size=1, peak_memory=None,
-                       memory_limit=1 << 30, headroom=0, device="cpu", amp=None)
-
-
 def test_a_plan_gives_the_accelerator_and_loader_and_accelerate_trains_the_large_batch():
     x, y = regression_data(64)
-    plan = _plan([4, 4, 4, 4])
+    plan = window_plan([4, 4, 4, 4])
     accelerator, loader = accelerator_from_plan(plan, TensorDataset(x, y), accelerator_kwargs={"cpu": True})
     assert accelerator.gradient_accumulation_steps == 4
     ref, ours = mlp(), mlp()
@@ -41,7 +35,7 @@ def test_a_plan_gives_the_accelerator_and_loader_and_accelerate_trains_the_large
 
 def test_gaccum_accumulator_on_prepared_objects_weighs_an_uneven_window_exactly():
     x, y = regression_data(512)
-    plan = _plan([52, 51, 51, 51, 51])
+    plan = window_plan([52, 51, 51, 51, 51])
     with pytest.warns(UserWarning, match="uneven"):
         accelerator, loader = accelerator_from_plan(plan, TensorDataset(x, y), accelerator_kwargs={"cpu": True})
     ref, ours = mlp(), mlp()
@@ -57,7 +51,7 @@ def test_gaccum_accumulator_on_prepared_objects_weighs_an_uneven_window_exactly(
 
 def test_the_plan_owns_the_accumulation_steps_and_gaccum_never_imports_the_frameworks():
     with pytest.raises(TypeError, match="plan sets gradient_accumulation_steps"):
-        accelerator_from_plan(_plan([2]), [0, 1], accelerator_kwargs={"gradient_accumulation_steps": 3})
+        accelerator_from_plan(window_plan([2]), [0, 1], accelerator_kwargs={"gradient_accumulation_steps": 3})
     code = "import sys, gaccum; print([m for m in ('accelerate', 'lightning', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gaccum
 from conftest import max_abs_diff, mlp, regression_data
-from helpers import large_batch_train
+from helpers import large_batch_train, window_plan
 
 
 def mse(m, b):
@@ -27,15 +27,9 @@ def test_micro_batch_weights_a_short_batch_by_its_size_and_flush_too():
     assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-14
 
 
-def _plan(window):
-    return gaccum.Plan(micro_batch_size=max(window), accum_steps=len(window), effective_batch_size=sum(window),
-                       window=list(window), target_bs=sum(window), world_size=1, peak_memory=None,
-                       memory_limit=1 << 30, headroom=0, device="cpu", amp=None)
-
-
 def test_plan_loader_feeds_the_uneven_window_and_a_wrong_loader_is_named():
     x, y = regression_data(512)
-    plan = _plan([52, 51, 51, 51, 51])
+    plan = window_plan([52, 51, 51, 51, 51])
     ref, ours = mlp(), mlp()
     large_batch_train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), [(x[:256], y[:256]), (x[256:], y[256:])])
     acc = gaccum.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.1), plan=plan)
