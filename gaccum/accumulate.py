@@ -16,30 +16,12 @@ import torch
 from torch import nn
 
 from ._checks import warn_user
+from ._fsdp import fsdp_root, gradient_sync
 from .autosplit import MicroBatchMixin, TouchTracker, check_memory_limit
 from .batch import batch_size
 from .boundary import StepResult
 from .engine import _check_items, _check_loss, _Engine, check_unclaimed
 from .schedule import AccumulationSchedule, as_schedule
-
-
-def fsdp_root(model: nn.Module) -> Optional[nn.Module]:
-    """The outermost FSDP2 (``fully_shard``) module, if the model has one."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return None
-    return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
-
-
-@contextlib.contextmanager
-def _fsdp_sync(root: Any, sync: bool) -> Iterator[None]:
-    """FSDP2's no_sync: gradients accumulate unsharded and unreduced until a micro-step that syncs."""
-    root.set_requires_gradient_sync(sync)
-    try:
-        yield
-    finally:
-        root.set_requires_gradient_sync(True)
 
 
 def batch_norm_layers(model: nn.Module) -> list[str]:
@@ -333,7 +315,7 @@ class Accumulator(MicroBatchMixin):
     def sync_context(self, sync: bool) -> Any:
         """DDP's no_sync, or FSDP2's requires_gradient_sync, for a micro-step that must not reduce."""
         if self.fsdp is not None:
-            return _fsdp_sync(self.fsdp, sync)
+            return gradient_sync(self.fsdp, sync)
         return self.model.no_sync() if (self.ddp and not sync) else contextlib.nullcontext()
 
     def _check_fsdp_window_end(self) -> None:

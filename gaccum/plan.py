@@ -336,6 +336,7 @@ def plan(
 
     snapshot = Snapshot(model, optimizer)
     rig: Optional[Rig] = None
+    start = 1
     try:
         model.train()  # probes train (BatchNorm updates, dropout on)
         fake_mode: Any = None
@@ -348,7 +349,6 @@ def plan(
         snapshot.restore_weights()
 
         # Validate sample/loss (and warm what steady training keeps warm) at the smallest size.
-        start = 1
         with ctx():
             try:
                 example = rig.step(sample, loss_fn, 1)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .accounting import LiveBytes
+from ._fsdp import fsdp_root, gradient_sync
 from .autosplit import is_oom
 from .batch import batch_devices, batch_size
 from .master import HALF, padded_offsets
@@ -170,6 +171,9 @@ class Rig:
         self.params = [p for p in model.parameters() if p.requires_grad and id(p) in held]
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.extra: list[Any] = []
+        # FSDP2: a window's middle micro-steps run without gradient sync, their unreduced unsharded
+        # gradients held inside FSDP, and its last one reduces them: a probe runs one of each.
+        self.fsdp = fsdp_root(model)
         if not master_grads:
             self.optimizer = optimizer
             self._ensure_grads()
@@ -232,6 +236,24 @@ class Rig:
         if check:
             _check_batch(batch, b, self.device)
         dtype = AMP_DTYPES[self.amp]
+        if self.fsdp is not None:
+            with gradient_sync(self.fsdp, False):
+                self._micro_steps(batch, loss_fn, max(1, micro - 1), check, dtype)
+            self._micro_steps(batch, loss_fn, 1, check, dtype)  # the window's last: it reduce-scatters
+        else:
+            self._micro_steps(batch, loss_fn, micro, check, dtype)
+        if on_phase is not None:
+            on_phase("step")
+        if self.master_grads:
+            self._step_masters()
+        else:
+            self.optimizer.step()
+            with torch.no_grad():
+                torch._foreach_zero_([p.grad for p in self.trainable if p.grad is not None])
+        return batch
+
+    def _micro_steps(self, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor], micro: int, check: bool,
+                     dtype: Any) -> None:
         for _ in range(micro):
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
                 loss = loss_fn(self.model, batch)
@@ -244,15 +266,6 @@ class Rig:
             del loss
             if self.master_grads:
                 self._flush()
-        if on_phase is not None:
-            on_phase("step")
-        if self.master_grads:
-            self._step_masters()
-        else:
-            self.optimizer.step()
-            with torch.no_grad():
-                torch._foreach_zero_([p.grad for p in self.trainable if p.grad is not None])
-        return batch
 
 
 def _check_batch(batch: Any, b: int, device: torch.device) -> None:
@@ -306,7 +319,9 @@ def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> Prob
 def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snapshot],
                   fake_mode: Any = None) -> ProbeResult:
     """CPU (or fake-tensor) probe: LiveBytes counts every storage and stops at the budget."""
-    meter = LiveBytes(int(budget * PROBE_MARGIN))
+    # Under FSDP2 a probe runs collectives: one rank stopping early would leave the others waiting,
+    # so every rank runs its probe to the end and the verdict comes after.
+    meter = LiveBytes(None if rig.fsdp is not None else int(budget * PROBE_MARGIN))
     meter.track(rig.model, *rig.tracked())
     phases: dict[str, int] = {}
 

@@ -109,3 +109,46 @@ def test_fsdp2_reduces_once_per_window_and_equals_single_process_training():
     per_window = out[0]["counts"][0]
     assert per_window >= 1 and out[0]["counts"] == [per_window, 2 * per_window]
     assert per_window <= 3  # one reduction per FSDP group (3 here) per window, never one per micro-step
+
+
+def _plan_worker(rank, port, limits, out, cache):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GACCUM_CACHE_DIR=cache)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        from gaccum.autosplit import MemoryBudget
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        g = torch.Generator().manual_seed(rank)
+        sample = lambda b: (torch.randn(b, 64, generator=g), torch.randint(0, 10, (b,), generator=g))  # noqa: E731
+        loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        plan = gaccum.plan(model, 512, sample, loss, optimizer=opt, memory_limit=limits[rank], headroom=0,
+                           cache=False)
+        assert not opt.state and all(p.grad is None for p in model.parameters())  # no trace, FSDP2 drained
+        acc = gaccum.Accumulator(model, opt, plan=plan)
+        with MemoryBudget(plan.budget, model, opt) as meter:  # two windows: any micro-step over it raises
+            for i in range(2 * plan.accum_steps):
+                with acc.accumulate():
+                    acc.backward(loss(model, sample(plan.window[i % plan.accum_steps])))
+        out[rank] = (plan.max_micro_batch, plan.micro_batch_size, plan.effective_batch_size, plan.budget,
+                     acc.optimizer_steps, meter.peak)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plan_under_fsdp2_agrees_on_the_smallest_budget_and_holds(tmp_path):
+    limits = [2 << 20, 1536 << 10]
+    out = mp.Manager().dict()
+    mp.start_processes(_plan_worker, args=(free_port(), limits, out, str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    assert out[0][:4] == out[1][:4]  # same size, same window, same (smallest) budget on every rank
+    largest, micro, effective, budget, steps, peak = out[1]
+    assert budget == min(limits) and effective == 512 and 1 < largest < 256 and steps == 2
+    assert max(out[0][5], out[1][5]) <= budget
