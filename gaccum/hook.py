@@ -214,6 +214,15 @@ class AccumulationHook:
                     if eng.max_grad_norm is not None:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
                     self._original(self.optimizer, "step")()
+                    self._did_step = True
+        except BaseException:
+            # as the Accumulator's boundary: the window ends, counted if the optimizer had stepped
+            if self._did_step:
+                eng.optimizer_steps += 1
+            self.window, self._moved_back = {}, set()
+            eng.discard()
+            self._set_sync()
+            raise
         finally:
             self._stepping = False
             self._unscaled = False

@@ -77,3 +77,31 @@ def test_a_failure_inside_the_boundary_ends_the_window_in_a_known_state():
         with acc.accumulate():
             r = acc.backward(F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]))
     assert r.stepped and acc.optimizer_steps == 2
+
+
+def test_a_failure_at_the_hooks_boundary_ends_the_window_too():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h = gaccum.hook(opt, accum_steps=2, max_grad_norm=float(1.0))
+    x, y = regression_data(8)
+    calls = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def exploding(*a, **k):  # a failure inside the boundary, before the optimizer steps
+        calls.append(1)
+        raise RuntimeError("clip bug")
+
+    torch.nn.utils.clip_grad_norm_ = exploding
+    try:
+        with pytest.raises(RuntimeError, match="clip bug"):
+            for i in range(2):
+                F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]).backward()
+                opt.step()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = real_clip
+    assert calls and h.optimizer_steps == 0 and h.engine.micro == 0 and not h.window
+    assert all(p.grad is None for p in model.parameters())
+    for i in range(2):  # and the next window runs normally
+        F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]).backward()
+        r = opt.step()
+    assert r.stepped and h.optimizer_steps == 1
