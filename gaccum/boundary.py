@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ._checks import warn_user
+from ._dist import all_reduce_scalars
 
 
 def grads_finite(grads: list[torch.Tensor], across_ranks: bool = False) -> bool:
@@ -29,9 +30,9 @@ def grads_finite(grads: list[torch.Tensor], across_ranks: bool = False) -> bool:
     if across_ranks:
         import torch.distributed as dist
 
-        flag = torch.tensor([0.0 if ok else 1.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        ok = float(flag) == 0.0
+        # every rank calls it (a rank with no gradient too); on the device its backend reduces (NCCL: the GPU)
+        device = local[0].device if local else torch.device("cpu")
+        ok = all_reduce_scalars([0.0 if ok else 1.0], device, op=dist.ReduceOp.MAX)[0] == 0.0
     return ok
 
 
