@@ -58,8 +58,10 @@ class LiveBytes(TorchDispatchMode):
     # -- what is alive -----------------------------------------------------
     def _add(self, t: torch.Tensor) -> None:
         st = _storage(t)
-        if st is None:
-            return
+        if st is not None:
+            self._add_storage(st)
+
+    def _add_storage(self, st: Any) -> None:
         key = id(st)
         n = int(st.nbytes())
         entry = self._seen.get(key)
@@ -108,7 +110,7 @@ class LiveBytes(TorchDispatchMode):
                     inputs = {id(_storage(a)) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
                 if id(st) in inputs:
                     continue
-            self._add(t)
+            self._add_storage(st)
         if self.live > self.peak:
             self.peak = self.live
             if self.budget is not None and self.live > self.budget:

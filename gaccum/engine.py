@@ -16,7 +16,7 @@ just a window with a smaller T, so ``flush()`` needs no special case.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,34 @@ from ._dist import all_reduce_scalars, world_size
 from .boundary import BoundaryStep, StepResult
 from .master import HALF, MasterGrads, MasterWeights
 from .schedule import AccumulationSchedule, as_schedule, rescale_lr
+
+
+def trained_params(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The trainable ones of ``params`` that ``optimizer`` holds: what a window accumulates and a plan probes."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("gaccum: the model has no trainable parameters (every parameter has requires_grad=False)")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    out = [p for p in trainable if id(p) in held]
+    if not out:
+        raise ValueError(
+            "gaccum: the optimizer does not hold any of the model's trainable parameters; "
+            "build it from model.parameters() (or the trainable ones) of this model"
+        )
+    return out
+
+
+def resolve_master_grads(choice: bool | str, params: Sequence[torch.Tensor]) -> bool:
+    """The one rule (Accumulator, hook, plan): 'auto' keeps FP32 masters when a parameter is half precision."""
+    if choice not in ("auto", True, False):
+        raise ValueError(f"gaccum: master_grads must be 'auto', True or False, got {choice!r}")
+    use = any(p.dtype in HALF for p in params) if choice == "auto" else bool(choice)
+    if use and any(p.dtype not in (torch.float32, *HALF) for p in params):
+        raise ValueError(
+            "gaccum: FP32 master gradients are for float16/bfloat16/float32 parameters; a float64 model "
+            "accumulates exactly in .grad (pass master_grads=False)"
+        )
+    return use
 
 
 def check_unclaimed(optimizer: Any) -> None:
@@ -110,20 +138,12 @@ class _Engine(BoundaryStep):
             raise ValueError(f"gaccum: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if nonfinite not in ("discard", "raise", "skip"):
             raise ValueError(f"gaccum: nonfinite must be 'discard', 'raise' or 'skip', got {nonfinite!r}")
-        if master_grads not in ("auto", True, False):
-            raise ValueError(f"gaccum: master_grads must be 'auto', True or False, got {master_grads!r}")
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        trainable = [p for p in params if p.requires_grad]
-        if not trainable:
-            raise ValueError("gaccum: the model has no trainable parameters (every parameter has requires_grad=False)")
-        if not any(id(p) in held for p in trainable):
-            raise ValueError(
-                "gaccum: the optimizer does not hold any of the model's trainable parameters; "
-                "build it from model.parameters()"
-            )
-        self.params = [p for p in trainable if id(p) in held]
+        self.params = trained_params(params, optimizer)
+        use_masters = resolve_master_grads(master_grads, self.params)
         check_scaler_and_scheduler(scaler, scheduler)
-        left_out = [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(trainable) if id(p) not in held]
+        kept = {id(p) for p in self.params}
+        left_out = [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(q for q in params if q.requires_grad)
+                    if id(p) not in kept]
         if left_out:
             warn_user(
                 f"gaccum: {len(left_out)} trainable parameter(s) are not in the optimizer ({', '.join(left_out[:8])}"
@@ -138,12 +158,6 @@ class _Engine(BoundaryStep):
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
         self.distributed = distributed
-        use_masters = any(p.dtype in HALF for p in self.params) if master_grads == "auto" else bool(master_grads)
-        if use_masters and any(p.dtype not in (torch.float32, *HALF) for p in self.params):
-            raise ValueError(
-                "gaccum: FP32 master gradients are for float16/bfloat16/float32 parameters; a float64 model "
-                "accumulates exactly in .grad (pass master_grads=False)"
-            )
         self.masters: Optional[MasterGrads] = MasterGrads(self.params) if use_masters else None
         self.master_weights: Optional[MasterWeights] = MasterWeights(optimizer, self.params) if use_masters else None
         # window state

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._dist import world_size
-from .boundary import StepResult, grads_finite
+from .boundary import StepResult, _as_float, grads_finite
 from .engine import _Engine, check_scaler_and_scheduler, check_unclaimed
 from .master import _LIVE
 from .schedule import AccumulationSchedule
@@ -202,7 +202,7 @@ class AccumulationHook:
                 if eng.max_grad_norm is not None:
                     if not self._unscaled:
                         self._original(self.scaler, "unscale_")(self.optimizer)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
+                    grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
                 self._original(self.scaler, "step")(self.optimizer)
                 skipped = not self._did_step
                 self._update_due = True
@@ -212,7 +212,7 @@ class AccumulationHook:
                     eng.warn_nonfinite()
                 else:
                     if eng.max_grad_norm is not None:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
+                        grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, eng.max_grad_norm))
                     self._original(self.optimizer, "step")()
                     self._did_step = True
         except BaseException:

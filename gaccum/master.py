@@ -52,6 +52,17 @@ def padded_offsets(sizes: Sequence[int], align: int = 4) -> list[int]:
     return out + [off]
 
 
+def flat_masters(params: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One zeroed FP32 buffer and a view of it shaped like each parameter.
+
+    Each view starts on a 16-byte boundary, so the kernel's vector path takes every master (the gaps
+    are zeros that nothing writes; they cost at most 12 bytes a parameter).
+    """
+    offsets = padded_offsets([p.numel() for p in params])
+    flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+    return flat, [flat[o: o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
+
+
 class MasterGrads:
     """One flat FP32 buffer holding the accumulated gradient of ``params``."""
 
@@ -65,11 +76,7 @@ class MasterGrads:
         self.device = devices.pop()
         self.params = list(params)
         self.index = {p: i for i, p in enumerate(self.params)}
-        offsets = padded_offsets([p.numel() for p in self.params])
-        self.flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
-        # Each view starts on a 16-byte boundary, so the kernel's vector path takes every master (the gaps
-        # are zeros that nothing writes; they cost at most 12 bytes a parameter).
-        self.views: list[torch.Tensor] = [self.flat[o: o + p.numel()].view_as(p) for o, p in zip(offsets, self.params)]
+        self.flat, self.views = flat_masters(self.params, self.device)
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._inv_scale = torch.ones(1, dtype=torch.float32, device=self.device)
         self._inv_scale_value = 1.0

@@ -29,10 +29,10 @@ from .accounting import LiveBytes
 from .autosplit import is_oom
 from .batch import batch_tensors
 from .lr import scale_lr as _scale_lr
-from .master import HALF
 from .memory import format_bytes, parse_bytes, parse_headroom
 from .probe import AMP_DTYPES, ProbeResult, Rig, Snapshot, optimizer_like, probe_cuda, probe_tracked
-from .search import balanced_window, search
+from .engine import resolve_master_grads, trained_params
+from .search import balanced_window, height, search
 
 # What a fake-tensor estimate cannot see on a real GPU: the CUDA context (outside
 # torch's allocator, ~0.3-0.6 GiB), cuBLAS/cuDNN workspaces, and the caching
@@ -167,31 +167,12 @@ def _fake_copies(model: nn.Module, optimizer: torch.optim.Optimizer):
     return mode, fmodel, optimizer_like(optimizer, groups)
 
 
-def _resolve_master_grads(master_grads: bool | str, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """The Accumulator's rule: 'auto' keeps FP32 masters when a trained parameter is half precision."""
-    if master_grads not in ("auto", True, False):
-        raise ValueError(f"gaccum: master_grads must be 'auto', True or False (as for the Accumulator), got {master_grads!r}")
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) in held]
-    if master_grads == "auto":
-        return any(p.dtype in HALF for p in params)
-    if master_grads and any(p.dtype not in (torch.float32, *HALF) for p in params):
-        raise ValueError("gaccum: FP32 master gradients are for float16/bfloat16/float32 parameters; pass master_grads=False")
-    return bool(master_grads)
-
-
-def _check_optimizer(optimizer: Any, model: nn.Module) -> None:
+def _check_optimizer(optimizer: Any) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"gaccum: optimizer must be a torch.optim.Optimizer built on the model's parameters, got "
             f"{type(optimizer).__name__} {optimizer!r}; e.g. optimizer=torch.optim.AdamW(model.parameters()), "
             "or leave it out to plan for AdamW"
-        )
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
-        raise ValueError(
-            "gaccum: the optimizer does not hold any of the model's trainable parameters; build it from "
-            "model.parameters() (or the trainable ones) of this model"
         )
 
 
@@ -227,8 +208,7 @@ def _peak_at(b: int, probes: list[ProbeResult]) -> tuple[Optional[int], bool]:
     if not below or not above:
         return None, True
     r1, r2 = below[-1], above[0]
-    h1 = r1.activation_peak if r1.activation_peak is not None else r1.peak
-    h2 = r2.activation_peak if r2.activation_peak is not None else r2.peak
+    h1, h2 = height(r1), height(r2)
     act = h1 + (h2 - h1) * (b - r1.batch) / (r2.batch - r1.batch)
     step = max((r.peak for _, r in fits if r.activation_peak is not None and r.peak > r.activation_peak), default=0)
     return int(max(act, step, r1.peak)), True
@@ -295,8 +275,9 @@ def plan(
     own_optimizer = optimizer is None
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    _check_optimizer(optimizer, model)
-    use_masters = _resolve_master_grads(master_grads, model, optimizer)
+    _check_optimizer(optimizer)
+    # the Accumulator's own rules: which parameters a window holds, and whether they get FP32 masters
+    use_masters = resolve_master_grads(master_grads, trained_params(model.parameters(), optimizer))
     world = world_size()
     if target_bs % world:
         raise ValueError(f"gaccum: target_bs={target_bs} is global and must be divisible by the world size {world}")
@@ -479,20 +460,14 @@ def _soak(rig: Rig, sample, loss_fn, n: int, window: list[int], per_rank: int, u
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                left = n
-                while left > 0:
-                    k = min(left, len(window))
-                    rig.step(sample, loss_fn, size, check=False, micro=k)
-                    left -= k
+            # on CPU the accounting raises over the budget; on CUDA the allocator's peak is read after
+            on_cpu = device.type != "cuda"
+            with LiveBytes(budget).track(rig.model, *rig.tracked()) if on_cpu else contextlib.nullcontext():
+                for left in range(n, 0, -len(window)):  # windows of micro-steps, the last one short
+                    rig.step(sample, loss_fn, size, check=False, micro=min(left, len(window)))
+            if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 ok = max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)) <= budget
-            else:
-                with LiveBytes(budget).track(rig.model, *rig.tracked()):
-                    left = n
-                    while left > 0:
-                        k = min(left, len(window))
-                        rig.step(sample, loss_fn, size, check=False, micro=k)
-                        left -= k
         except Exception as exc:  # noqa: BLE001 - OOM means "step down"; anything else is the user's
             if not is_oom(exc):
                 raise

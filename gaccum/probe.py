@@ -33,8 +33,9 @@ from torch import nn
 from .accounting import LiveBytes
 from ._fsdp import fsdp_root, gradient_sync
 from .autosplit import is_oom
+from .engine import trained_params
 from .batch import batch_devices, batch_size
-from .master import HALF, padded_offsets
+from .master import HALF, flat_masters
 from .ops import unscale_check_accumulate_
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,8 +168,7 @@ class Rig:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: Optional[str],
                  device: torch.device, master_grads: bool) -> None:
         self.model, self.amp, self.device, self.master_grads = model, amp, device, master_grads
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        self.params = [p for p in model.parameters() if p.requires_grad and id(p) in held]
+        self.params = trained_params(model.parameters(), optimizer)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.extra: list[Any] = []
         # FSDP2: a window's middle micro-steps run without gradient sync, their unreduced unsharded
@@ -180,9 +180,7 @@ class Rig:
             if any(not optimizer.state.get(p) for p in self.params):
                 optimizer.step()  # creates the state steady training carries; the weights are restored
             return
-        offsets = padded_offsets([p.numel() for p in self.params])  # laid out as MasterGrads lays it out
-        self.flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
-        self.views = [self.flat[o: o + p.numel()].view_as(p) for o, p in zip(offsets, self.params)]
+        self.flat, self.views = flat_masters(self.params, device)  # laid out as MasterGrads lays it out
         self.weights = {p: (nn.Parameter(p.detach().to(torch.float32), requires_grad=True) if p.dtype in HALF else p)
                         for p in self.params}
         groups = [{**{k: v for k, v in g.items() if k != "params"},
@@ -344,14 +342,7 @@ def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snaps
     seconds = time.perf_counter() - t0
     if snapshot is not None:
         snapshot.restore_weights()
-    peak = None if oom else max(meter.peak, phases["act"])
+    peak = None if oom else meter.peak  # reset at the forward, so it already covers the activations
     fit = peak is not None and peak <= budget
     return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
 
-
-def steady_peak(fn: Callable[[], Any], *tracked: Any) -> tuple[Any, int]:
-    """Run ``fn`` under LiveBytes counting ``tracked`` first: (its result, peak bytes)."""
-    meter = LiveBytes().track(*tracked)
-    with meter:
-        out = fn()
-    return out, meter.peak

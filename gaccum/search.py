@@ -30,7 +30,8 @@ from typing import Callable, Optional
 from .probe import ProbeResult
 
 
-def _height(r: ProbeResult) -> Optional[int]:
+def height(r: ProbeResult) -> Optional[int]:
+    """The point a probe puts on the line: its forward/backward peak, or the whole peak for a bare oracle."""
     return r.activation_peak if r.activation_peak is not None else r.peak
 
 

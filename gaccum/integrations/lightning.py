@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..plan import Plan, plan as make_plan
-from ._common import even_micro_batch
+from ._common import fixed_size_window
 
 try:
     from lightning.pytorch import Callback as _Base
@@ -83,9 +83,7 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
         with _quiet_logging(pl_module):
             p = make_plan(pl_module, target_bs=self.target_bs, sample=sample, loss_fn=loss_fn, optimizer=optimizer,
                           memory_limit=self.memory_limit, headroom=self.headroom, **self.plan_kwargs)
-        per_device = self.target_bs // p.world_size
-        micro = even_micro_batch(per_device, p.max_micro_batch)
-        steps = -(-per_device // micro)
+        micro, steps = fixed_size_window(p, "Lightning")
         lightning_setattr(pl_module, self.batch_arg_name, micro)
         trainer.accumulate_grad_batches = steps
         if self.lr_rule is not None and optimizer is not None:
@@ -94,7 +92,5 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
             for group in optimizer.param_groups:
                 group["lr"] *= factor
             p.notes.append(f"learning rate x {factor:.4g} ({self.lr_rule} rule from a batch of {base})")
-        if micro * steps != per_device:
-            p.notes.append(f"Lightning batches at one size: {steps} x {micro} = {micro * steps} per device")
         self.plan = p
         rank_zero_info(f"{p}\ngaccum: {self.batch_arg_name}={micro}, accumulate_grad_batches={steps}")

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..plan import Plan, plan as make_plan
-from ._common import even_micro_batch
+from ..plan import plan as make_plan
+from ._common import fixed_size_window
 
 
 def _length(example: Any) -> int:
@@ -59,12 +59,7 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
     amp = "bf16" if getattr(args, "bf16", False) else ("fp16" if getattr(args, "fp16", False) else None)
     p = make_plan(model, target_bs=target_bs, sample=sample, loss_fn=loss_fn, amp=amp, memory_limit=memory_limit,
                   headroom=headroom, **plan_kwargs)
-    per_device = target_bs // p.world_size
-    micro = even_micro_batch(per_device, p.max_micro_batch)
-    steps = -(-per_device // micro)
-    if micro * steps != per_device:
-        p.notes.append(f"the Trainer batches at one size: {steps} x {micro} = {micro * steps} per device, "
-                       f"{micro * steps - per_device} more than the target's {per_device}")
+    micro, steps = fixed_size_window(p, "the Trainer")
     new = dataclasses.replace(args, per_device_train_batch_size=micro, gradient_accumulation_steps=steps)
     return (new, p) if return_plan else new
 
