@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 
-.PHONY: setup demo test bench gpu-proof gpu-proof-dry-run clean
+.PHONY: setup demo test kernel-check bench gpu-proof gpu-proof-dry-run clean
 
 setup: $(VENV)/.ready
 
@@ -23,8 +23,17 @@ $(VENV)/.ready: pyproject.toml setup.py
 demo: setup
 	$(VENV)/bin/gaccum demo
 
-test: setup
+test: setup kernel-check
 	$(VPY) -m pytest -q tests
+
+# The CUDA kernel's exact source built for the host (csrc/emu/) against a float64 reference: the whole
+# matrix under ASan + UBSan in natural and permuted thread/block orders; an FMA-contracting UBSan build
+# with the tensor that spans three launches and 65,540 tensors; ThreadSanitizer with blocks on two OS
+# threads on a subset. tests/test_kernel_check.py shows each planted bug makes it fail.
+kernel-check: setup
+	$(VPY) -m gaccum._hostemu asan --orders 2
+	$(VPY) -m gaccum._hostemu fma --big --many
+	$(VPY) -m gaccum._hostemu tsan --subset --workers 2
 
 bench: setup
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"

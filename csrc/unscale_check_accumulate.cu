@@ -147,8 +147,9 @@ unscale_check_accumulate_kernel(const TensorTable table, const float* __restrict
                            chunk, inv_scale, overwrite, zero_grad, want_norm, bad, sq);
       break;
   }
-  // One write of found_inf per block, never a clear.
-  if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.f;
+  // One write of found_inf per block, never a clear; atomic, so blocks that all found an inf never race
+  // (free: it runs only when something is non-finite).
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(found_inf, 1.f);
   if (want_norm) {
     __shared__ float partial[kBlockThreads / 32];
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, off);
@@ -172,18 +173,11 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
-// Host launcher. Validation (devices, dtypes, contiguity, sizes) happens in
-// Python before any pointer gets here; this only packs tables and launches.
-void launch_unscale_check_accumulate(const std::vector<uintptr_t>& grads,
-                                     const std::vector<uintptr_t>& masters,
-                                     const std::vector<int64_t>& sizes,
-                                     const std::vector<uint8_t>& dtypes, uintptr_t inv_scale,
-                                     uintptr_t found_inf, uintptr_t sq_norm, bool overwrite,
-                                     bool zero_grad, uintptr_t stream_handle) {
-  const size_t count = grads.size();
-  if (masters.size() != count || sizes.size() != count || dtypes.size() != count) {
-    throw std::invalid_argument("gaccum: grads, masters, sizes and dtypes differ in length");
-  }
+// Host launcher over parallel arrays (one entry per tensor). Validation (devices, dtypes, contiguity,
+// sizes) happens in Python before any pointer gets here; this only packs tables and launches.
+void launch_tables(const uintptr_t* grads, const uintptr_t* masters, const int64_t* sizes,
+                   const uint8_t* dtypes, size_t count, uintptr_t inv_scale, uintptr_t found_inf,
+                   uintptr_t sq_norm, bool overwrite, bool zero_grad, uintptr_t stream_handle) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   TensorTable table;
   int nt = 0, nb = 0;
@@ -229,6 +223,20 @@ void launch_unscale_check_accumulate(const std::vector<uintptr_t>& grads,
     if (nt == kMaxTensors) flush();
   }
   flush();
+}
+
+void launch_unscale_check_accumulate(const std::vector<uintptr_t>& grads,
+                                     const std::vector<uintptr_t>& masters,
+                                     const std::vector<int64_t>& sizes,
+                                     const std::vector<uint8_t>& dtypes, uintptr_t inv_scale,
+                                     uintptr_t found_inf, uintptr_t sq_norm, bool overwrite,
+                                     bool zero_grad, uintptr_t stream_handle) {
+  const size_t count = grads.size();
+  if (masters.size() != count || sizes.size() != count || dtypes.size() != count) {
+    throw std::invalid_argument("gaccum: grads, masters, sizes and dtypes differ in length");
+  }
+  launch_tables(grads.data(), masters.data(), sizes.data(), dtypes.data(), count, inv_scale, found_inf,
+                sq_norm, overwrite, zero_grad, stream_handle);
 }
 
 int device_count() {
