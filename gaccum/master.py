@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .ops import unscale_check_accumulate_
+from .ops import fused_masters, unscale_check_accumulate_
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -87,6 +87,11 @@ class MasterGrads:
         self._callback_queued = False
         self.skip: frozenset = frozenset()
         self.paused = False
+        # Where the fused kernel serves this device: the masters registered once, and each contiguous
+        # gradient's pointer taken in its hook, so a flush is one call with two ready lists.
+        self._fused = fused_masters(self.views, [p.dtype for p in self.params], self.found_inf, self._inv_scale)
+        self._ready: dict[bool, tuple[list[int], list[int], list[torch.Tensor]]] = {True: ([], [], []),
+                                                                                    False: ([], [], [])}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
         _LIVE.add(self)
 
@@ -106,8 +111,15 @@ class MasterGrads:
         if p in self.skip:  # already in from an attempt that ran out of memory (autosplit.py)
             p.grad = None
             return
-        self._pending.append(self.index[p])
-        self._pending_bytes += p.grad.numel() * p.grad.element_size()
+        g, i = p.grad, self.index[p]
+        if self._fused is not None and g.is_contiguous():
+            index, ptrs, keep = self._ready[not self.written[i]]  # keyed by overwrite
+            index.append(i)
+            ptrs.append(g.data_ptr())
+            keep.append(g)  # alive until the launch is enqueued, whatever else happens to p.grad
+        else:
+            self._pending.append(i)
+        self._pending_bytes += g.numel() * g.element_size()
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
@@ -131,18 +143,24 @@ class MasterGrads:
 
     def flush_pending(self) -> None:
         """Move the pending half gradients into the masters and free them."""
-        if not self._pending:
+        ready = [(ow, lists) for ow, lists in self._ready.items() if lists[0]]
+        if not self._pending and not ready:
             return
-        idx, self._pending, self._pending_bytes = self._pending, [], 0
+        slow, self._pending, self._pending_bytes = self._pending, [], 0
+        done = list(slow)
+        for overwrite, (index, ptrs, _keep) in ready:
+            self._ready[overwrite] = ([], [], [])
+            self._fused.launch(index, ptrs, overwrite)  # type: ignore[union-attr]
+            done += index
         for overwrite in (True, False):
-            sel = [i for i in idx if self.written[i] != overwrite]
+            sel = [i for i in slow if self.written[i] != overwrite]
             if not sel:
                 continue
             grads = [self.params[i].grad for i in sel]
             masters = [self.views[i] for i in sel]
             # The first micro-step of a window overwrites: no separate zeroing pass.
             unscale_check_accumulate_(grads, masters, self.found_inf, self._inv_scale, overwrite=overwrite)
-        for i in idx:
+        for i in done:
             self.params[i].grad = None
             self.written[i] = True
 

@@ -20,6 +20,8 @@ at the window boundary needs no extra pass.
 
 from __future__ import annotations
 
+import contextlib
+from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
@@ -80,60 +82,77 @@ def _fallback(
     zero_grads: bool,
     sq_norm: Optional[torch.Tensor],
 ) -> None:
-    """Pure-PyTorch implementation.
-
-    On CPU it is one mixed-dtype ``_foreach_add_`` (the upcast happens inside the
-    add, no FP32 temporaries) and one ``_foreach_norm`` over the masters for the
-    check: ~2x a plain copy, against ~20x for an upcast-unscale-check-add loop.
-    The norm can overflow for huge finite values, so a non-finite norm is
-    re-checked exactly: no false positive ever reaches ``found_inf``.
-    On CUDA it avoids any host sync (the eager chain GradScaler uses).
-    """
+    """Pure-PyTorch implementation: :func:`_cpu_update` on CPU, :func:`_fallback_no_sync` on a device
+    (no host sync there, the eager chain GradScaler uses)."""
     if not grads:
         return
     if found_inf.device.type == "cpu":
-        s = float(inv_scale)
-        if overwrite:
-            torch._foreach_copy_(masters, grads)
-            if s != 1.0:
-                torch._foreach_mul_(masters, s)
-        elif s == 1.0:
-            torch._foreach_add_(masters, grads)  # g * 1 is exact: nothing to round
-        else:
-            # add(alpha=s) is a fused multiply-add on CPU: round the product first, as the kernel does
-            _add_scaled_unfused(masters, grads, s)
-        norms = torch.stack(torch._foreach_norm(masters))
-        if not bool(torch.isfinite(norms).all()):
-            for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
-                if not bool(torch.isfinite(masters[i]).all()):
-                    found_inf.fill_(1.0)
-                    break
-        if sq_norm is not None:
-            sq_norm.add_(norms.square().sum())
+        _cpu_update(grads, masters, found_inf, float(inv_scale), overwrite, sq_norm)
     else:
         _fallback_no_sync(grads, masters, found_inf, inv_scale, overwrite, sq_norm)
     if zero_grads:
         torch._foreach_zero_(grads)
 
 
-_CHUNK = 1 << 18  # 1 MiB of FP32: the scratch stays in cache, so the extra passes cost little
+_CHUNK = 1 << 18  # 1 MiB of FP32: a piece stays in cache between its update and its check
 
 
-def _add_scaled_unfused(masters: list[torch.Tensor], grads: list[torch.Tensor], s: float) -> None:
-    """masters += float32(grads) * s, the product rounded first, through one small reused FP32 buffer
-    (an FP32 copy of every gradient would cost ~4x a plain copy; this costs ~1.4x)."""
-    buf = torch.empty(min(_CHUNK, max(g.numel() for g in grads)), dtype=torch.float32, device=masters[0].device)
-    for g, m in zip(grads, masters):
-        if not (g.is_contiguous() and m.is_contiguous()):
-            m.add_(g.to(torch.float32, copy=True).mul_(s))
-            continue
-        gf, mf = g.view(-1), m.view(-1)
-        for a in range(0, gf.numel(), _CHUNK):
-            piece = mf[a: a + _CHUNK]
-            t = buf[: piece.numel()]
-            t.copy_(gf[a: a + _CHUNK])
-            t.mul_(s)
-            piece.add_(t)
+def _cpu_update(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor, s: float,
+                overwrite: bool, sq_norm: Optional[torch.Tensor]) -> None:
+    """masters = (0 or masters) + float32(grads) * s, the product rounded first, then the check.
+
+    Large tensors go piece by piece: the product into a reused 1 MiB FP32 buffer (one ``mul`` with a
+    one-element FP32 tensor upcasts and multiplies in float32 in one pass), the add, then the piece's
+    sum of squares while it is still in cache -- about one pass over memory (~2x a plain copy), where
+    an update pass then a norm pass over the masters cost ~3x. Small tensors use foreach ops.
+    ``add(alpha=s)`` is never used: on CPU it is a fused multiply-add. A sum of squares can overflow
+    for huge finite values, so a non-finite one is re-checked exactly: no false positive reaches
+    ``found_inf``.
+    """
+    big = [i for i, (g, m) in enumerate(zip(grads, masters))
+           if g.numel() >= _CHUNK and g.is_contiguous() and m.is_contiguous()]
+    taken = set(big)
+    small = [i for i in range(len(grads)) if i not in taken]
+    squares: list[torch.Tensor] = []  # one scalar per tensor, in the order `small + big`
+    if small:
+        gs, ms = [grads[i] for i in small], [masters[i] for i in small]
+        if overwrite:
+            torch._foreach_copy_(ms, gs)
+            if s != 1.0:
+                torch._foreach_mul_(ms, s)  # an exact copy, then one rounding: the rounded product
+        elif s == 1.0:
+            torch._foreach_add_(ms, gs)  # g * 1 is exact: nothing to round
+        else:
+            for g, m in zip(gs, ms):
+                m.add_(g.to(torch.float32, copy=True).mul_(s))
+        squares += [n.square() for n in torch._foreach_norm(ms)]
+    if big:
+        scale = torch.tensor([s], dtype=torch.float32)
+        buf = torch.empty(_CHUNK, dtype=torch.float32)
+        for i in big:
+            gf, mf = grads[i].view(-1), masters[i].view(-1)
+            sums = torch.empty((gf.numel() + _CHUNK - 1) // _CHUNK, dtype=torch.float32)
+            for k, a in enumerate(range(0, gf.numel(), _CHUNK)):
+                piece, gp = mf[a: a + _CHUNK], gf[a: a + _CHUNK]
+                if overwrite:
+                    torch.mul(gp, scale, out=piece)
+                elif s == 1.0:
+                    piece.add_(gp)
+                else:
+                    t = buf[: piece.numel()]
+                    torch.mul(gp, scale, out=t)
+                    piece.add_(t)
+                torch.dot(piece, piece, out=sums[k])
+            squares.append(sums.sum())
+    per = torch.stack(squares)
+    if not bool(torch.isfinite(per).all()):
+        order = small + big
+        for k in torch.nonzero(~torch.isfinite(per)).flatten().tolist():
+            if not bool(torch.isfinite(masters[order[k]]).all()):
+                found_inf.fill_(1.0)
+                break
+    if sq_norm is not None:
+        sq_norm.add_(per.sum())
 
 
 def _fallback_no_sync(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor,
@@ -174,6 +193,76 @@ def _kernel_eligible(g: torch.Tensor, m: torch.Tensor) -> bool:
     return cl is not None and g.is_contiguous(memory_format=cl) and m.is_contiguous(memory_format=cl)
 
 
+# The host backend: csrc/'s kernel built against the CUDA emulation (gaccum._hostemu.build_module). When
+# set, CPU tensors take the same kernel path CUDA tensors take -- the split into kernel-eligible and
+# fallback tensors, the pointer tables, the launch call -- so that path runs, and is checked, in CI.
+_HOST: dict[str, Optional[ModuleType]] = {"module": None}
+
+
+def set_host_backend(module: Optional[ModuleType]) -> Optional[ModuleType]:
+    """Route CPU tensors through ``module`` (an emulated ``_C``), or back to the fallback with None.
+
+    Returns the previous module. For tests and benchmarks: the emulation runs every CUDA thread as a
+    fiber, correct but far slower than the fallback.
+    """
+    prev, _HOST["module"] = _HOST["module"], module
+    return prev
+
+
+def _kernel_module(device: torch.device) -> Optional[ModuleType]:
+    """The compiled module that serves ``device``, or None when the fallback runs there."""
+    if device.type == "cuda":
+        return _ext.load()
+    if device.type == "cpu":
+        return _HOST["module"]
+    return None
+
+
+def _stream(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0  # the emulated device has one synchronous stream
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def _cuda_device(device: torch.device):
+    """The device guard a launch needs on CUDA (the current device may differ), nothing elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _kernel_path(ext: ModuleType, grads: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
+                 found_inf: torch.Tensor, inv_scale: torch.Tensor, overwrite: bool, zero_grads: bool,
+                 sq_norm: Optional[torch.Tensor]) -> None:
+    """One launch for the tensors the kernel takes, the fallback for the rest."""
+    fast_g, fast_m, slow_g, slow_m = [], [], [], []
+    for g, m in zip(grads, masters):
+        if g.stride() == m.stride() and _kernel_eligible(g, m):
+            fast_g.append(g)
+            fast_m.append(m)
+        else:  # e.g. a channels_last gradient with a contiguous master
+            slow_g.append(g)
+            slow_m.append(m)
+    if fast_g:
+        gp, mp, sizes, dtypes = pointer_tables(fast_g, fast_m)
+        device = found_inf.device
+        with _cuda_device(device):
+            ext.unscale_check_accumulate(
+                gp, mp, sizes, dtypes, inv_scale.data_ptr(), found_inf.data_ptr(),
+                sq_norm.data_ptr() if sq_norm is not None else 0, overwrite, zero_grads, _stream(device),
+            )
+    if slow_g:
+        _fallback(slow_g, slow_m, found_inf, inv_scale, overwrite, zero_grads, sq_norm)
+
+
+def _dispatch(grads, masters, found_inf, inv_scale, overwrite, zero_grads, sq_norm) -> None:
+    _validate(grads, masters, found_inf, inv_scale, sq_norm)
+    ext = _kernel_module(found_inf.device)
+    if ext is None or not grads:
+        _fallback(list(grads), list(masters), found_inf, inv_scale, overwrite, zero_grads, sq_norm)
+    else:
+        _kernel_path(ext, grads, masters, found_inf, inv_scale, overwrite, zero_grads, sq_norm)
+
+
 @torch.library.custom_op(
     "gaccum::unscale_check_accumulate_",
     mutates_args=("grads", "masters", "found_inf", "sq_norm"),
@@ -187,8 +276,7 @@ def _op(
     zero_grads: bool = False,
     sq_norm: Optional[torch.Tensor] = None,
 ) -> None:
-    _validate(grads, masters, found_inf, inv_scale, sq_norm)
-    _fallback(list(grads), list(masters), found_inf, inv_scale, overwrite, zero_grads, sq_norm)
+    _dispatch(grads, masters, found_inf, inv_scale, overwrite, zero_grads, sq_norm)
 
 
 @_op.register_kernel("cuda")
@@ -201,29 +289,58 @@ def _op_cuda(
     zero_grads: bool = False,
     sq_norm: Optional[torch.Tensor] = None,
 ) -> None:
-    _validate(grads, masters, found_inf, inv_scale, sq_norm)
-    ext = _ext.load()
-    if ext is None or not grads:
-        _fallback(list(grads), list(masters), found_inf, inv_scale, overwrite, zero_grads, sq_norm)
-        return
-    fast_g, fast_m, slow_g, slow_m = [], [], [], []
-    for g, m in zip(grads, masters):
-        if g.stride() == m.stride() and _kernel_eligible(g, m):
-            fast_g.append(g)
-            fast_m.append(m)
-        else:  # e.g. a channels_last gradient with a contiguous master
-            slow_g.append(g)
-            slow_m.append(m)
-    if fast_g:
-        gp, mp, sizes, dtypes = pointer_tables(fast_g, fast_m)
-        with torch.cuda.device(found_inf.device):
-            stream = torch.cuda.current_stream(found_inf.device).cuda_stream
-            ext.unscale_check_accumulate(
-                gp, mp, sizes, dtypes, inv_scale.data_ptr(), found_inf.data_ptr(),
-                sq_norm.data_ptr() if sq_norm is not None else 0, overwrite, zero_grads, stream,
-            )
-    if slow_g:
-        _fallback(slow_g, slow_m, found_inf, inv_scale, overwrite, zero_grads, sq_norm)
+    _dispatch(grads, masters, found_inf, inv_scale, overwrite, zero_grads, sq_norm)
+
+
+class FusedMasters:
+    """The master-gradient hot path: one parameter set's masters registered with the kernel once.
+
+    ``MasterGrads`` calls this once per bucket with indices and gradient pointers it collected in its
+    post-accumulate hooks; everything that is fixed for the set -- the masters' pointers, sizes and
+    layout, the gradients' dtypes (a ``.grad`` always has its parameter's dtype, shape and device),
+    ``found_inf`` and ``inv_scale`` -- is validated here, once. The custom op stays the public,
+    torch.compile-friendly entry; this skips its dispatch and per-call checks.
+    """
+
+    def __init__(self, ext: ModuleType, masters: Sequence[torch.Tensor], grad_dtypes: Sequence[torch.dtype],
+                 found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+        if len(grad_dtypes) != len(masters):
+            raise ValueError(f"gaccum: {len(grad_dtypes)} gradient dtypes for {len(masters)} masters")
+        device = found_inf.device
+        for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale)):
+            if t.dtype != torch.float32 or t.numel() != 1 or t.device != device:
+                raise TypeError(f"gaccum: {name} must be a one-element float32 tensor on {device}")
+        for i, (m, dt) in enumerate(zip(masters, grad_dtypes)):
+            if m.dtype != torch.float32 or m.device != device or not m.is_contiguous():
+                raise ValueError(f"gaccum: master {i} must be a contiguous float32 tensor on {device}")
+            if dt not in _GRAD_DTYPES:
+                raise TypeError(f"gaccum: gradient {i} has dtype {dt}; expected float16, bfloat16 or float32")
+        _check_disjoint(masters)
+        self.device = device
+        self._keep = (list(masters), found_inf, inv_scale)  # the registered pointers stay valid
+        self._set = ext.MasterSet([m.data_ptr() for m in masters], [m.numel() for m in masters],
+                                  [_GRAD_DTYPES[dt] for dt in grad_dtypes], inv_scale.data_ptr(),
+                                  found_inf.data_ptr())
+        self._cuda_index = device.index if device.type == "cuda" else None
+
+    def launch(self, index: list[int], grad_ptrs: list[int], overwrite: bool) -> None:
+        """masters[index[k]] (+)= grad k * inv_scale for contiguous gradients at ``grad_ptrs``."""
+        if self._cuda_index is None:
+            self._set.launch(index, grad_ptrs, overwrite, 0)
+        elif torch.cuda.current_device() == self._cuda_index:
+            self._set.launch(index, grad_ptrs, overwrite, torch._C._cuda_getCurrentRawStream(self._cuda_index))
+        else:
+            with torch.cuda.device(self._cuda_index):
+                self._set.launch(index, grad_ptrs, overwrite, torch._C._cuda_getCurrentRawStream(self._cuda_index))
+
+
+def fused_masters(masters: Sequence[torch.Tensor], grad_dtypes: Sequence[torch.dtype], found_inf: torch.Tensor,
+                  inv_scale: torch.Tensor) -> Optional[FusedMasters]:
+    """The hot-path entry for ``masters``, or None where the fused kernel does not serve their device."""
+    ext = _kernel_module(found_inf.device)
+    if ext is None or not hasattr(ext, "MasterSet"):
+        return None
+    return FusedMasters(ext, masters, grad_dtypes, found_inf, inv_scale)
 
 
 @_op.register_fake
@@ -250,8 +367,10 @@ def unscale_check_accumulate_(
 
 
 def backend_for(device: torch.device | str) -> str:
-    """'cuda-kernel' or 'pytorch-fallback': which implementation would run on ``device``."""
+    """'cuda-kernel', 'host-emulation' or 'pytorch-fallback': which implementation would run on ``device``."""
     device = torch.device(device)
     if device.type == "cuda" and _ext.load(quiet=True) is not None:
         return "cuda-kernel"
+    if device.type == "cpu" and _HOST["module"] is not None:
+        return "host-emulation"
     return "pytorch-fallback"

@@ -74,3 +74,20 @@ def test_master_views_are_16_byte_aligned_after_odd_sizes():
     assert all(v.data_ptr() % 16 == 0 for v in mg.views)
     assert all(v.numel() == p.numel() for v, p in zip(mg.views, params))
     mg.remove()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("s", [1.0, 0.5])
+def test_large_tensors_checked_piece_by_piece_flag_only_real_non_finites(overwrite, s):
+    """Large tensors are updated and checked per 1 MiB piece: an inf in the middle of the third piece is
+    found, and huge finite values (whose squares overflow float32) are not mistaken for one."""
+    n = 3 * (1 << 18) + 11
+    huge = torch.full((n,), 1e30)
+    found = torch.zeros(1)
+    unscale_check_accumulate_([huge.clone()], [torch.zeros(n)], found, s, overwrite=overwrite)
+    assert float(found) == 0.0
+    g = torch.ones(n, dtype=torch.bfloat16)
+    g[2 * (1 << 18) + 5] = float("inf")
+    m = torch.zeros(n)
+    unscale_check_accumulate_([g], [m], found, s, overwrite=overwrite)
+    assert float(found) == 1.0 and int((~torch.isfinite(m)).sum()) == 1

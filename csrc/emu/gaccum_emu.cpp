@@ -431,12 +431,19 @@ void run_grid(dim3 grid, dim3 block, std::size_t param_bytes, const std::functio
     std::lock_guard<std::mutex> lock(g_mu);
     sched = g_schedule;
   }
+  // GACCUM_EMU_NO_EXEC=1: launches are checked and counted but no block runs -- a no-op device, so a
+  // benchmark of the host side (benchmarks/bench_host_overhead.py) times everything up to the launch.
+  static const bool no_exec = [] {
+    const char* v = std::getenv("GACCUM_EMU_NO_EXEC");
+    return v && v[0] == '1';
+  }();
   ++s_launches;
   s_blocks += blocks;
   s_threads += blocks * threads;
   uint64_t prev = s_param.load();
   while (prev < param_bytes && !s_param.compare_exchange_weak(prev, param_bytes)) {
   }
+  if (no_exec) return;
   std::vector<uint64_t> order(blocks);
   std::iota(order.begin(), order.end(), 0ull);
   if (sched.seed) {
