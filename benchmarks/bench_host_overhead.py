@@ -40,28 +40,31 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds per call over `repeat` calls (after 5 warm-up calls)."""
+def timed(fn, repeat: int, sync=lambda: None) -> float:
+    """Median seconds per call over `repeat` calls (after 5 warm-up calls); `sync` runs untimed between
+    calls (on a GPU: the launches of one call never queue behind the previous call's)."""
     for _ in range(5):
         fn()
     samples = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
 
-def measure(shapes: list[tuple[int, ...]], repeat: int) -> dict:
-    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes]
+def measure(shapes: list[tuple[int, ...]], repeat: int, device: str = "cpu") -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16, device=device)) for s in shapes]
     for p in params:
         p.grad = torch.zeros_like(p)
     masters = MasterGrads(params)
     fused = masters._fused
-    assert fused is not None, "the emulated backend is not active"
+    assert fused is not None, "the fused kernel does not serve this device"
     index = list(range(len(params)))
     ptrs = [p.grad.data_ptr() for p in params]
-    hot = timed(lambda: fused.launch(index, ptrs, True), repeat)
+    hot = timed(lambda: fused.launch(index, ptrs, True), repeat, sync)
 
     def hooks():  # the per-gradient work MasterGrads._hook adds for the hot path
         idx, pp, keep = [], [], []
@@ -74,9 +77,9 @@ def measure(shapes: list[tuple[int, ...]], repeat: int) -> dict:
 
     hook = timed(hooks, max(20, repeat // 4))
     grads = [p.grad for p in params]
-    found, inv = torch.zeros(1), torch.ones(1)
+    found, inv = torch.zeros(1, device=device), torch.ones(1, device=device)
     op = timed(lambda: torch.ops.gaccum.unscale_check_accumulate_(grads, masters.views, found, inv, True, False,
-                                                                    None), max(20, repeat // 4))
+                                                                    None), max(20, repeat // 4), sync)
     # A whole backward's worth, as MasterGrads runs it: every hook, then the flush (which frees .grad),
     # with the hot path and with the custom op it replaced.
     def cycle():
@@ -88,9 +91,9 @@ def measure(shapes: list[tuple[int, ...]], repeat: int) -> dict:
         masters.flush_pending()
 
     masters.bucket_bytes = 1 << 62  # one flush per backward
-    both = {"hot path": timed(cycle, max(20, repeat // 4))}
+    both = {"hot path": timed(cycle, max(20, repeat // 4), sync)}
     masters._fused = None
-    both["custom op"] = timed(cycle, max(20, repeat // 4))
+    both["custom op"] = timed(cycle, max(20, repeat // 4), sync)
     masters.remove()
     return {"tensors": len(params), "hot_path_us": hot * 1e6, "hooks_ns_per_tensor": hook * 1e9 / len(params),
             "custom_op_us": op * 1e6, "hooks_and_flush_us": {k: v * 1e6 for k, v in both.items()}}
@@ -99,13 +102,18 @@ def measure(shapes: list[tuple[int, ...]], repeat: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=200)
-    ap.add_argument("--out", default="host_overhead.json")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the real module and real (asynchronous) launches on the GPU")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    module = _ext._load_from(_hostemu.build_module())
-    ops.set_host_backend(module)
-    small = measure(gpt2_small_shapes(), args.repeat)
-    tiny = measure([(16,)] * 10_000, max(20, args.repeat // 10))
-    out = {**environment(), "launch": "emulated module, GACCUM_EMU_NO_EXEC=1 (no block runs)",
+    if args.device == "cpu":
+        ops.set_host_backend(_ext._load_from(_hostemu.build_module()))
+        launch = "emulated module, GACCUM_EMU_NO_EXEC=1 (no block runs)"
+    else:
+        launch = "the compiled CUDA module: real asynchronous launches, host time up to their return"
+    small = measure(gpt2_small_shapes(), args.repeat, args.device)
+    tiny = measure([(16,)] * 10_000, max(20, args.repeat // 10), args.device)
+    out = {**environment(), "launch": launch,
            "tensors_148_us": small["hot_path_us"], "tensors_10000_us": tiny["hot_path_us"],
            "goal_us": {"tensors_148": 25, "tensors_10000": 1000},
            "gpt2_small_148": small, "tiny_10000": tiny}
@@ -114,7 +122,8 @@ def main() -> None:
         print(f"{name}: hot path {r['hot_path_us']:.1f} us/call (+{r['hooks_ns_per_tensor']:.0f} ns/tensor in "
               f"the hooks); custom op {r['custom_op_us']:.1f} us/call; a backward's hooks + flush "
               f"{hf['hot path']:.0f} us vs {hf['custom op']:.0f} us through the op")
-    print(f"wrote {write(args.out, out)}")
+    name = args.out or ("host_overhead.json" if args.device == "cpu" else "host_overhead_cuda.json")
+    print(f"wrote {write(name, out)}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def steps() -> list[Step]:
                         "raise SystemExit(b != 'cuda-kernel')"], 60),
         Step("tests/cuda", cuda_tests, 240),
         Step("bench_kernel (GPU)", [PY, "benchmarks/bench_kernel.py"], 180),
+        Step("bench_host_overhead (GPU)", [PY, "benchmarks/bench_host_overhead.py", "--device", "cuda"], 120),
         Step("bench_end_to_end (GPU)", [PY, "benchmarks/bench_end_to_end.py", "--device", "cuda"], 240),
         Step("whole suite", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], 420),
     ]
