@@ -17,6 +17,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default group, 0 when torch.distributed is not initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def comm_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and dist.get_backend() == "nccl":
         return device

@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from . import _dist
 from ._checks import warn_user
-from ._fsdp import fsdp_root, gradient_sync
+from ._fsdp import check_unreduced_grads, fsdp_root, gradient_sync, load_unreduced_grads, unreduced_grads
 from .autosplit import MicroBatchMixin, TouchTracker, check_memory_limit
 from .batch import batch_size
 from .boundary import StepResult
@@ -348,13 +349,36 @@ class Accumulator(MicroBatchMixin):
         self.engine.discard()
 
     def state_dict(self) -> dict[str, Any]:
+        """The window so far and the counters; resume with :meth:`load_state_dict`, exactly.
+
+        Under FSDP2 mid-window, the micro-steps that did not sync live inside FSDP, unreduced: they are
+        saved too (this rank's, unsharded), so each rank saves and loads its own state_dict.
+        """
+        state = self.engine.state_dict()
         if self.fsdp is not None and self.engine.micro:
-            raise RuntimeError("gaccum: under FSDP2 a window's unreduced gradients live inside FSDP; checkpoint "
-                               "at a window boundary (acc.micro_in_window == 0)")
-        return self.engine.state_dict()
+            state["fsdp_unreduced"] = unreduced_grads(self.fsdp)
+            state["fsdp_rank"] = (_dist.rank(), _dist.world_size())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checks everything first, then assigns: a checkpoint that does not fit changes nothing."""
+        unreduced = state.get("fsdp_unreduced")
+        if self.fsdp is not None and state.get("micro", 0) and unreduced is None:
+            raise ValueError("gaccum: a mid-window checkpoint without FSDP2's unreduced gradients cannot resume "
+                             "under FSDP2; save it from the FSDP2 model (acc.state_dict() on every rank)")
+        if unreduced is not None:
+            if self.fsdp is None:
+                raise ValueError("gaccum: this checkpoint was taken mid-window under FSDP2; load it into an "
+                                 "Accumulator over the same fully_shard model")
+            here = (_dist.rank(), _dist.world_size())
+            if tuple(state["fsdp_rank"]) != here:
+                raise ValueError(f"gaccum: this mid-window checkpoint is rank {state['fsdp_rank'][0]} of "
+                                 f"{state['fsdp_rank'][1]}; this process is rank {here[0]} of {here[1]}. Each rank "
+                                 "loads its own (the unreduced gradients differ per rank)")
+            check_unreduced_grads(self.fsdp, unreduced)
         self.engine.load_state_dict(state)
+        if unreduced is not None:
+            load_unreduced_grads(self.fsdp, unreduced)
 
     def close(self) -> None:
         """Remove hooks and give the optimizer its original parameters back."""
