@@ -28,22 +28,28 @@ def _data():
                                                                              dtype=torch.float64)
 
 
-def _worker(rank, port, out):
+def _start(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+
+
+def _count_reductions() -> list:
+    """Test instrumentation: one entry per FSDP2 gradient reduction (foreach_reduce) from now on."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_mod
+
+    reductions = []
+    original = group_mod.foreach_reduce
+    group_mod.foreach_reduce = lambda *a, **k: (reductions.append(1), original(*a, **k))[1]
+    return reductions
+
+
+def _worker(rank, port, out):
+    _start(rank, port)
     try:
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_mod
 
-        reductions = []  # test instrumentation: FSDP2's gradient reduction, counted
-        original = group_mod.foreach_reduce
-
-        def counting(*a, **k):
-            reductions.append(1)
-            return original(*a, **k)
-
-        group_mod.foreach_reduce = counting
+        reductions = _count_reductions()
         model = _model()
         for layer in (model[0], model[2]):
             fully_shard(layer)
@@ -112,9 +118,8 @@ def test_fsdp2_reduces_once_per_window_and_equals_single_process_training():
 
 
 def _plan_worker(rank, port, limits, out, cache):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GACCUM_CACHE_DIR=cache)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    os.environ["GACCUM_CACHE_DIR"] = cache
+    _start(rank, port)
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -170,15 +175,9 @@ def _resume_worker(rank, port, out):
     state, the optimizer's and the Accumulator's -- this rank's unreduced FSDP2 gradients inside it."""
     import io
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    _start(rank, port)
     try:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_mod
-
-        reductions = []
-        original = group_mod.foreach_reduce
-        group_mod.foreach_reduce = lambda *a, **k: (reductions.append(1), original(*a, **k))[1]
+        reductions = _count_reductions()
         x, y = _data()
 
         def micro(acc, model, s, i):
@@ -251,16 +250,11 @@ def _mixed_worker(rank, port, out):
     FP32 then, in unsharded_accumulated_grad)."""
     import io
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    _start(rank, port)
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_mod
 
-        reductions = []
-        original = group_mod.foreach_reduce
-        group_mod.foreach_reduce = lambda *a, **k: (reductions.append(1), original(*a, **k))[1]
+        reductions = _count_reductions()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         x, y = (t.float() for t in _data())
 
