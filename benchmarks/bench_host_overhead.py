@@ -28,7 +28,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write  # noqa: E402
 
-from gaccum import _ext, _hostemu, ops  # noqa: E402
+from gaccum import _hostemu, ops  # noqa: E402
 from gaccum.master import MasterGrads  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.device == "cpu":
-        ops.set_host_backend(_ext._load_from(_hostemu.build_module()))
+        ops.set_host_backend(_hostemu.load_module())
         launch = "emulated module, GACCUM_EMU_NO_EXEC=1 (no block runs)"
     else:
         launch = "the compiled CUDA module: real asynchronous launches, host time up to their return"

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from types import ModuleType
 
 from . import _build
 
@@ -153,6 +156,21 @@ def build_module(out_dir: Path | None = None) -> Path:
         _run([compiler(), *_flags("module", csrc), *py, "-shared", str(binding), *map(str, objs), "-o", str(tmp)])
         os.replace(tmp, so)
     return so
+
+
+def load_module(out_dir: Path | None = None) -> ModuleType:
+    """The emulated ``_C``, built if needed and imported under its own name.
+
+    Its init function is the real module's (``PyInit__C``), so only the last part of the name must be
+    ``_C``; a name of its own keeps it from being taken for an already imported ``gaccum._C``.
+    """
+    path = build_module(out_dir)
+    loader = importlib.machinery.ExtensionFileLoader("gaccum_hostemu._C", str(path))
+    spec = importlib.util.spec_from_file_location("gaccum_hostemu._C", str(path), loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def default_dir() -> Path:

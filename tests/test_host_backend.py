@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ f
 
 @pytest.fixture(scope="module")
 def emulated():
-    module = _ext._load_from(_hostemu.build_module())
+    module = _hostemu.load_module()
     assert module.device_count() == 1  # the emulated device
     return module
 
@@ -34,6 +34,14 @@ def host(emulated):
     prev = ops.set_host_backend(emulated)
     yield emulated
     ops.set_host_backend(prev)
+
+
+def test_the_emulated_module_is_never_taken_for_an_imported_gaccum_C(emulated):
+    """Both are `_C` extension modules; loaded under the real one's name, Python hands back the real one."""
+    prebuilt = _ext._find_prebuilt()
+    if prebuilt is not None and not torch.cuda.is_available():
+        assert _ext._load_from(prebuilt).device_count() == 0  # no GPU here: the real module says so
+    assert _hostemu.load_module().device_count() == 1
 
 
 def expected(m: torch.Tensor, g: torch.Tensor, s: float, overwrite: bool = False) -> torch.Tensor:
