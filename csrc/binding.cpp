@@ -89,7 +89,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grads"), py::arg("masters"), py::arg("sizes"), py::arg("dtypes"),
       py::arg("inv_scale"), py::arg("found_inf"), py::arg("sq_norm"), py::arg("overwrite"),
       py::arg("zero_grad"), py::arg("stream"));
-  py::class_<gaccum::MasterSet>(m, "MasterSet")
+  // module_local: the emulated build (gaccum._hostemu) defines the same C++ type in a second module
+  py::class_<gaccum::MasterSet>(m, "MasterSet", py::module_local())
       .def(py::init<std::vector<uintptr_t>, std::vector<int64_t>, std::vector<uint8_t>, uintptr_t, uintptr_t>(),
            py::arg("masters"), py::arg("sizes"), py::arg("dtypes"), py::arg("inv_scale"), py::arg("found_inf"))
       .def(
