@@ -197,3 +197,21 @@ def test_accumulator_steps_the_same_through_the_hot_path(emulated):
     kernel, fallback = train(True), train(False)
     assert all(torch.equal(a, b) for a, b in zip(kernel, fallback))
     assert not all(torch.equal(a, b) for a, b in zip(kernel, init.values()))
+
+
+def test_fused_masters_refuse_what_the_kernel_cannot_take(host):
+    found, inv = torch.zeros(1), torch.ones(1)
+    ok = [torch.zeros(8), torch.zeros(3)]
+    with pytest.raises(ValueError, match="master 1 must be a contiguous float32"):
+        ops.fused_masters([ok[0], torch.zeros(3, dtype=torch.float64)], [torch.bfloat16] * 2, found, inv)
+    with pytest.raises(TypeError, match="gradient 0 has dtype torch.float64"):
+        ops.fused_masters(ok, [torch.float64, torch.bfloat16], found, inv)
+    flat = torch.zeros(10)
+    with pytest.raises(ValueError, match="overlap"):
+        ops.fused_masters([flat[:6], flat[4:]], [torch.float32] * 2, found, inv)
+    with pytest.raises(TypeError, match="found_inf must be a one-element float32"):
+        ops.fused_masters(ok, [torch.float32] * 2, torch.zeros(2), inv)
+    fused = ops.fused_masters(ok, [torch.float32] * 2, found, inv)
+    with pytest.raises(IndexError):
+        fused.launch([0, 2], [torch.ones(8).data_ptr(), torch.ones(3).data_ptr()], True)  # 2 is outside the set
+    assert not ok[0].any()
