@@ -34,9 +34,9 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _load_from(path: Path) -> ModuleType:
-    loader = importlib.machinery.ExtensionFileLoader("gaccum._C", str(path))
-    spec = importlib.util.spec_from_file_location("gaccum._C", str(path), loader=loader)
+def _load_from(path: Path, name: str = "gaccum._C") -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)

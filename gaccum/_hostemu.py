@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.machinery
-import importlib.util
 import os
 import re
 import shutil
@@ -164,13 +162,9 @@ def load_module(out_dir: Path | None = None) -> ModuleType:
     Its init function is the real module's (``PyInit__C``), so only the last part of the name must be
     ``_C``; a name of its own keeps it from being taken for an already imported ``gaccum._C``.
     """
-    path = build_module(out_dir)
-    loader = importlib.machinery.ExtensionFileLoader("gaccum_hostemu._C", str(path))
-    spec = importlib.util.spec_from_file_location("gaccum_hostemu._C", str(path), loader=loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    from ._ext import _load_from
+
+    return _load_from(build_module(out_dir), "gaccum_hostemu._C")
 
 
 def default_dir() -> Path:
