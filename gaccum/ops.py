@@ -40,15 +40,7 @@ def _validate(
 ) -> None:
     if len(grads) != len(masters):
         raise ValueError(f"gaccum: {len(grads)} gradients but {len(masters)} masters; pass one master per gradient")
-    for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale), ("sq_norm", sq_norm)):
-        if t is None:
-            continue
-        if t.dtype != torch.float32 or t.numel() != 1:
-            raise TypeError(f"gaccum: {name} must be a one-element float32 tensor, got {t.dtype} with {t.numel()} elements")
-    device = found_inf.device
-    for name, t in (("inv_scale", inv_scale), ("sq_norm", sq_norm)):
-        if t is not None and t.device != device:
-            raise ValueError(f"gaccum: {name} is on {t.device} but found_inf is on {device}; keep them on one device")
+    device = _check_scalars(found_inf, inv_scale, sq_norm)
     _check_disjoint(masters)
     for i, (g, m) in enumerate(zip(grads, masters)):
         if g.dtype not in _GRAD_DTYPES:
@@ -62,6 +54,20 @@ def _validate(
                 f"gaccum: gradient {i} is on {g.device} and its master on {m.device}, found_inf on {device}; "
                 "all tensors of one call must be on one device"
             )
+
+
+def _check_scalars(found_inf: torch.Tensor, inv_scale: torch.Tensor, sq_norm: Optional[torch.Tensor]) -> torch.device:
+    """found_inf, inv_scale and sq_norm: one-element float32 tensors on one device, which is returned."""
+    for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale), ("sq_norm", sq_norm)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.numel() != 1:
+            raise TypeError(f"gaccum: {name} must be a one-element float32 tensor, got {t.dtype} with {t.numel()} elements")
+    device = found_inf.device
+    for name, t in (("inv_scale", inv_scale), ("sq_norm", sq_norm)):
+        if t is not None and t.device != device:
+            raise ValueError(f"gaccum: {name} is on {t.device} but found_inf is on {device}; keep them on one device")
+    return device
 
 
 def _check_disjoint(masters: Sequence[torch.Tensor]) -> None:
@@ -226,8 +232,10 @@ def _stream(device: torch.device) -> int:
 
 
 def _cuda_device(device: torch.device):
-    """The device guard a launch needs on CUDA (the current device may differ), nothing elsewhere."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """The device guard a launch needs on CUDA when the current device differs, nothing otherwise."""
+    if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _kernel_path(ext: ModuleType, grads: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
@@ -306,10 +314,7 @@ class FusedMasters:
                  found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
         if len(grad_dtypes) != len(masters):
             raise ValueError(f"gaccum: {len(grad_dtypes)} gradient dtypes for {len(masters)} masters")
-        device = found_inf.device
-        for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale)):
-            if t.dtype != torch.float32 or t.numel() != 1 or t.device != device:
-                raise TypeError(f"gaccum: {name} must be a one-element float32 tensor on {device}")
+        device = _check_scalars(found_inf, inv_scale, None)
         for i, (m, dt) in enumerate(zip(masters, grad_dtypes)):
             if m.dtype != torch.float32 or m.device != device or not m.is_contiguous():
                 raise ValueError(f"gaccum: master {i} must be a contiguous float32 tensor on {device}")
@@ -321,17 +326,11 @@ class FusedMasters:
         self._set = ext.MasterSet([m.data_ptr() for m in masters], [m.numel() for m in masters],
                                   [_GRAD_DTYPES[dt] for dt in grad_dtypes], inv_scale.data_ptr(),
                                   found_inf.data_ptr())
-        self._cuda_index = device.index if device.type == "cuda" else None
 
     def launch(self, index: list[int], grad_ptrs: list[int], overwrite: bool) -> None:
         """masters[index[k]] (+)= grad k * inv_scale for contiguous gradients at ``grad_ptrs``."""
-        if self._cuda_index is None:
-            self._set.launch(index, grad_ptrs, overwrite, 0)
-        elif torch.cuda.current_device() == self._cuda_index:
-            self._set.launch(index, grad_ptrs, overwrite, torch._C._cuda_getCurrentRawStream(self._cuda_index))
-        else:
-            with torch.cuda.device(self._cuda_index):
-                self._set.launch(index, grad_ptrs, overwrite, torch._C._cuda_getCurrentRawStream(self._cuda_index))
+        with _cuda_device(self.device):
+            self._set.launch(index, grad_ptrs, overwrite, _stream(self.device))
 
 
 def fused_masters(masters: Sequence[torch.Tensor], grad_dtypes: Sequence[torch.dtype], found_inf: torch.Tensor,
