@@ -95,14 +95,15 @@ def check_unreduced_grads(root: nn.Module, grads: list[Optional[torch.Tensor]]) 
     return fps
 
 
-def load_unreduced_grads(root: nn.Module, grads: list[Optional[torch.Tensor]]) -> None:
+def load_unreduced_grads(fsdp_params: list[Any], grads: list[Optional[torch.Tensor]]) -> None:
     """Put a window's unreduced gradients back where FSDP2 adds the next micro-steps to them.
 
-    They go to ``unsharded_accumulated_grad``: FSDP2's post-backward adds each later micro-step's
-    unsharded gradient into it (one addition, as autograd's own accumulation would make) and
-    reduce-scatters it on the micro-step that syncs.
+    ``fsdp_params`` is what :func:`check_unreduced_grads` returned for them. They go to
+    ``unsharded_accumulated_grad``: FSDP2's post-backward adds each later micro-step's unsharded
+    gradient into it (one addition, as autograd's own accumulation would make) and reduce-scatters it
+    on the micro-step that syncs.
     """
-    for fp, g in zip(check_unreduced_grads(root, grads), grads):
+    for fp, g in zip(fsdp_params, grads):
         unsharded = getattr(fp, "_unsharded_param", None)
         if unsharded is not None:
             unsharded.grad = None

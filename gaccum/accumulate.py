@@ -363,6 +363,7 @@ class Accumulator(MicroBatchMixin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Checks everything first, then assigns: a checkpoint that does not fit changes nothing."""
         unreduced = state.get("fsdp_unreduced")
+        fsdp_params: list[Any] = []
         if self.fsdp is not None and state.get("micro", 0) and unreduced is None:
             raise ValueError("gaccum: a mid-window checkpoint without FSDP2's unreduced gradients cannot resume "
                              "under FSDP2; save it from the FSDP2 model (acc.state_dict() on every rank)")
@@ -375,10 +376,10 @@ class Accumulator(MicroBatchMixin):
                 raise ValueError(f"gaccum: this mid-window checkpoint is rank {state['fsdp_rank'][0]} of "
                                  f"{state['fsdp_rank'][1]}; this process is rank {here[0]} of {here[1]}. Each rank "
                                  "loads its own (the unreduced gradients differ per rank)")
-            check_unreduced_grads(self.fsdp, unreduced)
+            fsdp_params = check_unreduced_grads(self.fsdp, unreduced)
         self.engine.load_state_dict(state)
         if unreduced is not None:
-            load_unreduced_grads(self.fsdp, unreduced)
+            load_unreduced_grads(fsdp_params, unreduced)
 
     def close(self) -> None:
         """Remove hooks and give the optimizer its original parameters back."""
