@@ -212,19 +212,31 @@ void init_fiber(Fiber& f) {
   f.fake_stack = nullptr;
 }
 
+// One stack switch, annotated for the sanitizers: ASan is told whose stack runs next (`fake` keeps this
+// side's fake stack; nullptr when this side will never run again) and, once switched back, learns the
+// bounds of the stack that switched to it (`back_lo`/`back_size` may be nullptr); TSan is told which
+// fiber runs next. Every switch goes through here: scheduler to fiber, fiber to scheduler, a fiber's end.
+void switch_stack(void** save_sp, void* to_sp, void** fake, const void* to_lo, std::size_t to_size,
+                  [[maybe_unused]] void* to_tsan, [[maybe_unused]] const void** back_lo,
+                  [[maybe_unused]] std::size_t* back_size) {
+#if defined(GACCUM_EMU_ASAN)
+  __sanitizer_start_switch_fiber(fake, to_lo, to_size);
+#else
+  (void)fake, (void)to_lo, (void)to_size;
+#endif
+#if defined(GACCUM_EMU_TSAN)
+  __tsan_switch_to_fiber(to_tsan, 0);
+#endif
+  gaccum_emu_swap(save_sp, to_sp);
+#if defined(GACCUM_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(*fake, back_lo, back_size);
+#endif
+}
+
 void resume(Worker& w, Fiber& f) {
   current = &f.ctx;
   w.running = &f;
-#if defined(GACCUM_EMU_ASAN)
-  __sanitizer_start_switch_fiber(&w.sched_fake, f.stack_lo, kStack);
-#endif
-#if defined(GACCUM_EMU_TSAN)
-  __tsan_switch_to_fiber(f.tsan_fiber, 0);
-#endif
-  gaccum_emu_swap(&w.sched_sp, f.sp);
-#if defined(GACCUM_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(w.sched_fake, nullptr, nullptr);
-#endif
+  switch_stack(&w.sched_sp, f.sp, &w.sched_fake, f.stack_lo, kStack, f.tsan_fiber, nullptr, nullptr);
   w.running = nullptr;
   current = nullptr;
 }
@@ -232,16 +244,8 @@ void resume(Worker& w, Fiber& f) {
 // From inside a fiber: back to the block's scheduler until the barrier releases this thread.
 void yield(Fiber& f) {
   Worker& w = *f.worker;
-#if defined(GACCUM_EMU_ASAN)
-  __sanitizer_start_switch_fiber(&f.fake_stack, w.sched_bottom, w.sched_size);
-#endif
-#if defined(GACCUM_EMU_TSAN)
-  __tsan_switch_to_fiber(w.sched_tsan, 0);
-#endif
-  gaccum_emu_swap(&f.sp, w.sched_sp);
-#if defined(GACCUM_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(f.fake_stack, &w.sched_bottom, &w.sched_size);
-#endif
+  switch_stack(&f.sp, w.sched_sp, &f.fake_stack, w.sched_bottom, w.sched_size, w.sched_tsan, &w.sched_bottom,
+               &w.sched_size);
 }
 
 Fiber& running_fiber(const char* what) {
@@ -476,12 +480,7 @@ extern "C" void gaccum_emu_fiber_main(void* p) {
 #endif
   (*w.body)();
   f.state = State::Done;
-#if defined(GACCUM_EMU_ASAN)
-  __sanitizer_start_switch_fiber(nullptr, w.sched_bottom, w.sched_size);  // this fiber is finished for good
-#endif
-#if defined(GACCUM_EMU_TSAN)
-  __tsan_switch_to_fiber(w.sched_tsan, 0);
-#endif
-  gaccum_emu_swap(&f.sp, w.sched_sp);
+  // Finished for good: no fake stack to keep, and the switch never comes back.
+  switch_stack(&f.sp, w.sched_sp, nullptr, w.sched_bottom, w.sched_size, w.sched_tsan, nullptr, nullptr);
   __builtin_unreachable();
 }
