@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write  # noqa: E402
 
 from gaccum import _hostemu, ops  # noqa: E402
-from gaccum.master import MasterGrads  # noqa: E402
+from gaccum.accumulation import MasterGrads  # noqa: E402
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write  # noqa: E402
 
 import gaccum  # noqa: E402
-from gaccum.autosplit import MemoryBudget  # noqa: E402
+from gaccum.accumulation import MemoryBudget  # noqa: E402
 from gaccum.probe import ProbeResult  # noqa: E402
 from gaccum.search import search  # noqa: E402
 

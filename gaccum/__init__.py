@@ -3,8 +3,8 @@
 The public API, and nothing else, lives here.
 """
 
-from .accumulate import Accumulator, StepResult
-from .hook import AccumulationHook, hook
+from .accumulation import (AccumulationHook, Accumulator, StateError, StepResult, WindowMismatchError,
+                           WindowState, hook)
 from .lr import num_optimizer_steps, scale_lr
 from .memory import format_bytes, parse_bytes
 from .ops import unscale_check_accumulate_
@@ -23,9 +23,12 @@ __all__ = [
     "Plan",
     "PlanError",
     "ProbeResult",
+    "StateError",
     "StepResult",
     "VerifyReport",
     "WindowBatchSampler",
+    "WindowMismatchError",
+    "WindowState",
     "hook",
     "format_bytes",
     "num_optimizer_steps",

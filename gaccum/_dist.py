@@ -33,3 +33,22 @@ def all_reduce_scalars(values: Sequence[float], device: torch.device,
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device(device))
     dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def ranks_agree(ok: bool, device: torch.device) -> bool:
+    """The one "all ranks agree" rule: True on every rank only when every rank says True (a MAX all-reduce).
+
+    Every rank must call it; with one process it returns ``ok``.
+    """
+    if world_size() == 1:
+        return ok
+    return all_reduce_scalars([0.0 if ok else 1.0], device, op=dist.ReduceOp.MAX)[0] == 0.0
+
+
+def spread(values: Sequence[float], device: torch.device) -> list[tuple[float, float]]:
+    """(min, max) of each value over the ranks, in one MAX all-reduce; every rank must call it."""
+    if world_size() == 1:
+        return [(float(v), float(v)) for v in values]
+    out = all_reduce_scalars([*values, *(-float(v) for v in values)], device, op=dist.ReduceOp.MAX)
+    n = len(values)
+    return [(-out[n + i], out[i]) for i in range(n)]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .boundary import StepResult
+from .accumulation import StepResult
 
 
 class MetricsLogger:
@@ -52,19 +52,21 @@ class MetricsLogger:
         self._samples += int(samples)
         self._tokens += int(tokens)
 
-    def __call__(self, result: StepResult, engine: Any) -> None:
+    def __call__(self, result: StepResult, acc: Any) -> None:
+        """A step callback: ``result`` and the Accumulator (or hook) that stepped."""
         dt = max(time.perf_counter() - self._t0, 1e-9)
         rec = {
-            "step": engine.optimizer_steps, "micro_step": result.micro_step,
+            "step": acc.optimizer_steps, "micro_step": result.micro_step,
             "loss": result.loss if result.loss is not None else (
                 sum(self._losses) / len(self._losses) if self._losses else None),
             "samples": self._samples,
             "samples_per_s": self._samples / dt, "tokens_per_s": self._tokens / dt,
-            "peak_memory": self.peak_memory() if self.peak_memory is not None else _default_peak(engine),
-            "master_grad_bytes": engine.masters.nbytes if engine.masters is not None else 0,
-            "skipped_steps": engine.skipped_steps, "skipped": result.skipped, "loss_scale": result.loss_scale,
-            "grad_norm": result.grad_norm, "accum_steps": engine.accum_steps,
-            "micro_batch_limit": engine.micro_batch_limit, "oom_splits": engine.oom_splits, **self.extra,
+            "peak_memory": self.peak_memory() if self.peak_memory is not None else _default_peak(acc),
+            "master_grad_bytes": acc.master_grad_bytes,
+            "skipped_steps": acc.skipped_steps, "skipped": result.skipped, "loss_scale": result.loss_scale,
+            "grad_norm": result.grad_norm, "accum_steps": acc.accum_steps,
+            "micro_batch_limit": acc.micro_batch_limit, "oom_splits": acc.oom_splits,
+            "discarded_windows": acc.discarded_windows, **self.extra,
         }
         self.records.append(rec)
         self._fh.write(json.dumps(rec) + "\n")
@@ -81,9 +83,9 @@ class MetricsLogger:
             self.writer.close()
 
 
-def _default_peak(engine: Any) -> int:
+def _default_peak(acc: Any) -> int:
     """The window's peak: the CPU budget's count under ``memory_limit``, else the CUDA allocator's."""
-    measured = getattr(engine, "last_window_peak", 0)
+    measured = acc.last_window_peak
     if measured:
         return int(measured)
     if torch.cuda.is_available() and torch.cuda.is_initialized():

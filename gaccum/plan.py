@@ -26,12 +26,12 @@ from . import plan_cache
 from ._checks import is_int
 from ._dist import all_reduce_scalars, world_size
 from .accounting import LiveBytes
-from .autosplit import is_oom
+from .accumulation import is_oom
 from .batch import batch_tensors
 from .lr import scale_lr as _scale_lr
 from .memory import format_bytes, parse_bytes, parse_headroom
 from .probe import AMP_DTYPES, ProbeResult, Rig, Snapshot, optimizer_like, probe_cuda, probe_tracked
-from .engine import resolve_master_grads, trained_params
+from .accumulation import resolve_master_grads, trained_params
 from .search import balanced_window, height, search
 
 # What a fake-tensor estimate cannot see on a real GPU: the CUDA context (outside

@@ -32,10 +32,9 @@ from torch import nn
 
 from .accounting import LiveBytes
 from ._fsdp import fsdp_root, gradient_sync
-from .autosplit import is_oom
-from .engine import trained_params
+from .accumulation import is_oom
 from .batch import batch_devices, batch_size
-from .master import HALF, flat_masters
+from .accumulation import HALF, flat_masters, trained_params
 from .ops import unscale_check_accumulate_
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}

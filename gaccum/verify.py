@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ._checks import is_int
-from .accumulate import Accumulator
-from .master import paused
+from .accumulation import Accumulator, paused
 from .batch import batch_size, split_batch
 
 # Largest relative difference (max |g_acc - g_big| / max |g_big|) accepted, by
@@ -101,11 +100,10 @@ def _verify(model, loss_fn, batch, micro_batch_size, params, names, n, num_items
         acc = Accumulator(model, probe, accum_steps=len(micro), warn_batchnorm=False)
         got: list[torch.Tensor] = []
 
-        def capture(engine: Any) -> None:
-            ws = engine.master_weights.weights if engine.master_weights is not None else engine.params
+        def capture(ws: Any) -> None:  # what the optimizer steps: FP32 masters or the parameters
             got.extend(torch.zeros_like(w, dtype=torch.float64) if w.grad is None else w.grad.double() for w in ws)
 
-        acc.engine.pre_step_hooks.append(capture)
+        acc.core.boundary.pre_step_hooks.append(capture)
         try:
             for mb in micro:
                 with acc.accumulate():

@@ -267,7 +267,7 @@ def test_half_params_use_fp32_masters_and_beat_half_grad_accumulation(dtype):
     ours = copy.deepcopy(base)
     captured = []
     acc = gaccum.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.0), accum_steps=N)
-    acc.engine.pre_step_hooks.append(lambda e: captured.extend(w.grad.clone() for w in e.master_weights.weights))
+    acc.core.boundary.pre_step_hooks.append(lambda ws: captured.extend(w.grad.clone() for w in ws))
     for xb, yb in micro:
         with acc.accumulate():
             acc.backward(F.mse_loss(ours(xb), yb))
@@ -285,7 +285,7 @@ def test_half_params_step_fp32_master_weights_and_copy_back():
     model = mlp(torch.float32).to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     acc = gaccum.Accumulator(model, opt, accum_steps=2)
-    masters = acc.engine.master_weights.weights
+    masters = acc.core.master_weights.weights
     assert all(w.dtype == torch.float32 for w in masters)
     assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])
     for xb, yb in chunks(x, y, 8):
@@ -501,7 +501,7 @@ def test_non_finite_loss_without_scaler_raises_or_skips_and_never_corrupts():
         with acc2.accumulate():
             loss = F.mse_loss(ours(xb), yb)
             acc2.backward(loss * float("inf") if i == 1 else loss)
-    assert acc2.optimizer_steps == 1 and acc2.engine.skipped_micro_batches == 1
+    assert acc2.optimizer_steps == 1 and acc2.core.skipped_micro_batches == 1
     assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-12
 
 

@@ -91,7 +91,7 @@ def test_oom_mid_backward_keeps_the_gradients_already_accumulated():
     opt = torch.optim.SGD(ours.parameters(), lr=0.0)  # lr 0: read the window's gradient before the step
     acc = gaccum.Accumulator(ours, opt, accum_steps=2)
     seen = {}
-    acc.engine.pre_step_hooks.append(lambda eng: seen.update(g=[p.grad.clone() for p in eng.params]))
+    acc.core.boundary.pre_step_hooks.append(lambda ws: seen.update(g=[p.grad.clone() for p in ws]))
     acc.micro_batch((x[:8], y[:8]), mse)  # fits
     ours[2].limit = 3
     with pytest.warns(RuntimeWarning):
@@ -146,7 +146,7 @@ def test_oom_split_with_fp32_master_gradients_flushes_the_failed_backward():
                                     master_grads=True)
     assert acc.uses_master_grads and acc.micro_batch_limit == 4
     assert max_rel_diff(ours.parameters(), ref.parameters()) < 1e-5
-    assert not acc.engine.masters._callback_queued and not acc.engine.masters._pending
+    assert not acc.core.watch.open and not acc.core.masters._pending
 
 
 def test_oom_split_with_num_items_from_loss_fn():

@@ -71,7 +71,7 @@ def test_hook_half_params_accumulate_in_fp32_masters():
     model = mlp(torch.float32).to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     h = gaccum.hook(opt, accum_steps=8)
-    assert h.engine.masters is not None
+    assert h.core.masters is not None
     unchanged_loop(model, opt, chunks(x, y, 4), dtype=torch.bfloat16)
     assert h.optimizer_steps == 2
     ref = mlp(torch.float32)

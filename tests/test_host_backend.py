@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import gaccum
 from gaccum import _ext, _hostemu, ops
-from gaccum.master import MasterGrads
+from gaccum.accumulation import MasterGrads
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the host emulation")
 
@@ -185,7 +185,7 @@ def test_accumulator_steps_the_same_through_the_hot_path(emulated):
         try:
             opt = torch.optim.AdamW(model.parameters(), lr=0.01)
             acc = gaccum.Accumulator(model, opt, accum_steps=4)
-            assert (acc.engine.masters._fused is not None) == use_host
+            assert (acc.core.masters._fused is not None) == use_host
             for x, y in data:
                 with acc.accumulate():
                     acc.backward(nn.functional.cross_entropy(model(x).float(), y), num_items=len(y))

@@ -58,7 +58,7 @@ def test_the_plan_owns_the_accumulation_steps_and_gaccum_never_imports_the_frame
 
 
 def test_accelerate_trains_a_real_plan_under_its_budget(tmp_path, monkeypatch):
-    from gaccum.autosplit import MemoryBudget
+    from gaccum.accumulation import MemoryBudget
 
     monkeypatch.setenv("GACCUM_CACHE_DIR", str(tmp_path / "cache"))
     g = torch.Generator().manual_seed(0)

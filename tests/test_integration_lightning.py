@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gaccum.autosplit import MemoryBudget
+from gaccum.accumulation import MemoryBudget
 
 L = pytest.importorskip("lightning")
 from gaccum.integrations.lightning import GaccumPlanner  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gaccum
-from gaccum.autosplit import MemoryBudget
+from gaccum.accumulation import MemoryBudget
 
 transformers = pytest.importorskip("transformers")
 from gaccum.integrations.transformers import GaccumTrainerCallback, plan_training_arguments  # noqa: E402

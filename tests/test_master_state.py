@@ -80,10 +80,10 @@ def test_verify_works_beside_a_live_accumulator_and_leaves_its_window_alone():
     acc = gaccum.Accumulator(model, opt, accum_steps=4)
     x, y = data(16)
     run(acc, model, x, y, 0, 8)  # half a window in the FP32 masters
-    window = acc.engine.masters.flat.clone()
+    window = acc.core.masters.flat.clone()
     report = gaccum.verify(model, lambda m, b: F.mse_loss(m(b[0]).float(), b[1].float()), (x, y), 4)
     assert report.passed
-    assert torch.equal(acc.engine.masters.flat, window)
+    assert torch.equal(acc.core.masters.flat, window)
     run(acc, model, x, y, 8, 16)
     assert acc.optimizer_steps == 1
 
@@ -99,4 +99,4 @@ def test_load_state_dict_checks_every_shape_before_assigning():
     bad = dict(state, grads=list(state["grads"][:-1]) + [torch.zeros(7)], micro=0)
     with pytest.raises(ValueError, match="do not match"):
         acc.load_state_dict(bad)
-    assert acc.engine.micro == 1 and all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    assert acc.core.micro == 1 and all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))

@@ -99,7 +99,7 @@ def test_a_failure_at_the_hooks_boundary_ends_the_window_too():
                 opt.step()
     finally:
         torch.nn.utils.clip_grad_norm_ = real_clip
-    assert calls and h.optimizer_steps == 0 and h.engine.micro == 0 and not h.window
+    assert calls and h.optimizer_steps == 0 and h.core.micro == 0 and not h.stash
     assert all(p.grad is None for p in model.parameters())
     for i in range(2):  # and the next window runs normally
         F.mse_loss(model(x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4]).backward()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gaccum.master import MasterGrads
+from gaccum.accumulation import MasterGrads
 from gaccum.ops import _fallback, _fallback_no_sync, pointer_tables, unscale_check_accumulate_
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import gaccum
 from gaccum import probe as probe_mod
-from gaccum.autosplit import is_oom
+from gaccum.accumulation import is_oom
 
 plan_mod = importlib.import_module("gaccum.plan")
 

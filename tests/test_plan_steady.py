@@ -132,7 +132,7 @@ def _accumulator_peak(b, steps=2):
                 acc.backward(ce(model, batch))
 
     window()
-    extra = [acc.engine.masters.flat, *acc.engine.master_weights.weights]
+    extra = [acc.core.masters.flat, *acc.core.master_weights.weights]
     peak = allocator_peak(window, model, opt, *extra)[1]
     acc.close()
     return peak
@@ -209,7 +209,7 @@ def test_an_oversized_probe_and_memory_limit_training_stop_at_the_budget():
     assert model.ran < len(model.layers)  # stopped in the forward, not after the whole step
     rig = None
     snap.restore()
-    from gaccum.autosplit import MemoryBudget  # what Accumulator(memory_limit=...) trains under
+    from gaccum.accumulation import MemoryBudget  # what Accumulator(memory_limit=...) trains under
 
     model.ran = 0
     with pytest.raises(torch.OutOfMemoryError, match="budget"):

@@ -39,7 +39,7 @@ def test_schedule_by_step_equals_large_batches_with_the_lr_rule(rule, factor):
         if r.stepped:
             steps_at.append(i + mb)
     assert steps_at == [8, 16, 32, 48]  # windows of 2, 2, then 4 micro-batches
-    assert acc.engine.accum_history == [(0, 2), (2, 4)]
+    assert acc.core.accum_history == [(0, 2), (2, 4)]
     assert acc.accum_steps == 4
     ref = reference(x, y, [8, 8, 16, 16], [lr0, lr0, lr0 * factor, lr0 * factor])
     assert max_abs_diff(model.parameters(), ref.parameters()) < 1e-10

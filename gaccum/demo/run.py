@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..accumulate import Accumulator
+from ..accumulation import Accumulator
 from ..lr import scale_lr
 from ..memory import format_bytes
 from ..metrics import MetricsLogger
@@ -218,7 +218,7 @@ def run_demo(args: argparse.Namespace) -> int:
     metrics_path.unlink(missing_ok=True)
     big_logger = MetricsLogger(metrics_path, extra={"run": "accumulated"})
     big = _train(model, opt, Sampler(tokens, SEQ_LEN, device, seed=args.seed + 10), plan_obj.window, args.steps,
-                 {"plan": plan_obj, "master_grads": True,
+                 {"plan": plan_obj,  # trains as it was planned (the plan says whether FP32 masters are kept)
                   "memory_limit": plan_obj.budget if device.type == "cpu" else None},
                  big_logger, device, "accumulated", args.no_progress)
     big_logger.close()

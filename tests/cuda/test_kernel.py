@@ -160,7 +160,7 @@ def test_accumulator_half_model_on_gpu_matches_float64(ext):
     xs = torch.randn(64, 8, 32, device="cuda")
     captured = []
     acc = gaccum.Accumulator(half, torch.optim.SGD(half.parameters(), lr=0.0), accum_steps=64)
-    acc.engine.pre_step_hooks.append(lambda e: captured.extend(w.grad.clone() for w in e.master_weights.weights))
+    acc.core.boundary.pre_step_hooks.append(lambda ws: captured.extend(w.grad.clone() for w in ws))
     for x in xs:
         with acc.accumulate():
             acc.backward(half(x.bfloat16()).float().pow(2).mean())
@@ -171,7 +171,7 @@ def test_accumulator_half_model_on_gpu_matches_float64(ext):
 def test_master_grads_hot_path_equals_the_op_bitwise(ext):
     """MasterGrads flushes through _C.MasterSet (registered once, launched by index) on a GPU; the
     FP32 window it builds is the custom op's, bit for bit, and no half gradient is left behind."""
-    from gaccum.master import MasterGrads
+    from gaccum.accumulation import MasterGrads
 
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(33, 70), torch.nn.Tanh(), torch.nn.Linear(70, 5)).cuda().bfloat16()

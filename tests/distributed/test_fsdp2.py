@@ -123,7 +123,7 @@ def _plan_worker(rank, port, limits, out, cache):
     try:
         from torch.distributed.fsdp import fully_shard
 
-        from gaccum.autosplit import MemoryBudget
+        from gaccum.accumulation import MemoryBudget
 
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
@@ -266,7 +266,7 @@ def _mixed_worker(rank, port, out):
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             acc = gaccum.Accumulator(model, opt, accum_steps=N)
             captured = []
-            acc.engine.pre_step_hooks.append(
+            acc.core.boundary.pre_step_hooks.append(
                 lambda e: captured.extend(p.grad.full_tensor().double() for p in model.parameters()))
             return model, opt, acc, captured
 

@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ._checks import warn_user
-from .accounting import LiveBytes
-from .batch import batch_size, batch_tensors, split_batch
+from .._checks import warn_user
+from ..accounting import LiveBytes
+from ..batch import batch_size, batch_tensors, split_batch
+from ..memory import parse_bytes
 from .boundary import StepResult
-from .engine import _check_items, _check_loss
-from .memory import parse_bytes
+from .checks import check_items, check_loss
+from .core import WINDOW_END, AccumulationCore
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -133,9 +134,9 @@ def _loss_and_items(out: Any) -> tuple[torch.Tensor, Optional[float]]:
         if len(out) != 2:
             raise ValueError(f"gaccum: loss_fn returns a loss or (loss, num_items), got a sequence of {len(out)}")
         loss, items = out
-        _check_loss(loss)
-        return loss, _check_items(items)
-    _check_loss(out)
+        check_loss(loss)
+        return loss, check_items(items)
+    check_loss(out)
     return out, None
 
 
@@ -147,64 +148,71 @@ class _Run:
     n_full: float
     loss_fn: Callable[[nn.Module, Any], Any]
     items: float = 0.0
-    items_mode: bool = False
     pieces: int = 0
     attempt_items: float = 0.0  # the count of the piece being tried
-    attempt_items_mode: bool = False
     attempt_loss: Optional[torch.Tensor] = None
 
-    def add(self, n: float, items_mode: bool) -> None:
+    def add(self, n: float) -> None:
         self.items += n
-        self.items_mode |= items_mode
         self.pieces += 1
 
 
-class MicroBatchMixin:
-    """``Accumulator.micro_batch``: gaccum runs forward and backward, so an OOM splits the micro-batch."""
+class MicroBatchRunner:
+    """``Accumulator.micro_batch``: gaccum runs forward and backward, so an OOM splits the micro-batch.
 
-    def micro_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Any], *, last: bool = False) -> StepResult:
-        """One micro-batch: forward, backward, and the optimizer step when the window is full.
+    ``front`` is the Accumulator: its model, ``sync_context`` and ``memory_limit`` are read here.
+    """
 
-        ``loss_fn(model, batch)`` returns the batch's mean loss, or ``(loss,
-        num_items)`` for a loss normalised by token count. Because gaccum runs
-        the forward here, an out-of-memory error does not end training: the
-        micro-batch is split in two and each half accumulated with its share of
-        the weight, so the window's effective batch and gradient stay the same,
-        and later micro-batches run in pieces of the size that fitted
-        (``micro_batch_limit``; ``oom_splits`` counts the splits).
-        """
-        if self._in_micro:
-            raise RuntimeError("gaccum: micro_batch() inside an accumulate() block; use one or the other")
+    def __init__(self, front: Any, core: AccumulationCore, on_oom: str) -> None:
+        self.front = front
+        self.core = core
+        self.on_oom = on_oom
+        self.touch: Optional[TouchTracker] = None
+        self.peak_memory: Optional[int] = None  # the last call's peak under memory_limit
+
+    def run(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Any], last: bool) -> StepResult:
+        """EMPTY / ACCUMULATING -> IN_MICRO_STEP -> ACCUMULATING (or the boundary). See Accumulator.micro_batch."""
+        core = self.core
+        core.require_open("micro_batch")
         if not callable(loss_fn):
             raise TypeError(f"gaccum: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
-        eng = self.engine
         size = batch_size(batch)
-        is_last = eng.micro + 1 >= eng.accum_steps or bool(last)
-        # Under DDP with splitting armed, no piece lets DDP reduce during backward: a rank that splits would
-        # make a different number of backward passes, and the others would wait in a collective. The engine
-        # reduces the window by hand at its end instead (one flat all-reduce, the same call on every rank).
-        sync = is_last and eng.masters is None and not (self.ddp and self.on_oom == "split")
-        if self.fsdp is not None:
-            sync = is_last  # FSDP2 reduces in the last micro-step; it cannot be reduced by hand afterwards
-        if self._touch is None and self.on_oom == "split":
-            self._touch = TouchTracker(eng.params, eng.masters)
+        if size == 0:
+            raise ValueError("gaccum: micro_batch() got an empty batch (0 samples); skip it, nothing was run")
+        is_last = core.window.next_is_last() or bool(last)
+        if is_last:
+            core.check_ranks(WINDOW_END)
+        sync = self._sync(is_last)
+        if self.touch is None and self.on_oom == "split":
+            self.touch = TouchTracker(core.params, core.masters)
+            core.teardown.add(self.touch.remove)
         # gaccum sees the batch here: every micro-batch weighs what it holds (a short last one too)
         run = _Run(size=size, n_full=float(size), loss_fn=loss_fn)
-        limit = eng.micro_batch_limit
+        limit = core.micro_batch_limit
         pieces = [batch] if limit is None or size <= limit else split_batch(batch, limit)
         self.peak_memory = None
-        self._in_micro = True
+        core.begin_micro()
         try:
             for i, piece in enumerate(pieces):
                 self._piece(piece, run, sync and i == len(pieces) - 1, frozenset())
-        finally:
-            self._in_micro = False
+        except BaseException as exc:
+            core.abort_micro(exc)
+            raise
         if run.pieces == 0:  # every piece had a non-finite loss and was skipped
-            return StepResult(micro_step=eng.micro_steps, optimizer_step=eng.optimizer_steps)
-        eng.items_mode = True  # real counts: under DDP the window's total is summed over ranks
-        return self._end_micro(run.items, sync, bool(last))
+            core.leave_micro()
+            return core.micro_result()
+        # real counts: under DDP the window's total is summed over ranks
+        return core.end_micro(run.items, sync, items_mode=True, last=bool(last))
 
-    def _piece(self, piece: Any, run: "_Run", sync: bool, done_params: frozenset) -> None:
+    def _sync(self, is_last: bool) -> bool:
+        """Under DDP with splitting armed, no piece lets DDP reduce during backward: a rank that splits would
+        make a different number of backward passes, and the others would wait in a collective. The core
+        reduces the window by hand at its end instead (one flat all-reduce, the same call on every rank)."""
+        if self.front.fsdp is not None:
+            return is_last  # FSDP2 reduces in the last micro-step; it cannot be reduced by hand afterwards
+        return is_last and self.core.masters is None and not (self.front.ddp and self.on_oom == "split")
+
+    def _piece(self, piece: Any, run: _Run, sync: bool, done_params: frozenset) -> None:
         k = batch_size(piece)
         try:
             self._attempt(piece, k, run, sync, done_params)
@@ -212,7 +220,7 @@ class MicroBatchMixin:
         except Exception as exc:  # noqa: BLE001 - only an OOM is handled; the rest re-raised as is
             if not is_oom(exc) or self.on_oom != "split":
                 raise
-            if self.fsdp is not None:
+            if self.front.fsdp is not None:
                 raise torch.OutOfMemoryError(
                     f"{exc}\ngaccum: a micro-batch that runs out of memory is not split under FSDP2: its forward "
                     "all-gathers parameters, and a rank that stopped midway would leave the others waiting in that "
@@ -224,53 +232,55 @@ class MicroBatchMixin:
                     "Free memory, or use activation checkpointing or a smaller model"
                 ) from exc
         # Out of the except block: the failed attempt's frame and its activations are freed.
-        eng = self.engine
-        if eng.masters is not None:
-            eng.masters.recover()
-        if eng.params[0].device.type == "cuda":
+        self._split(piece, k, run, sync, done_params)
+
+    def _split(self, piece: Any, k: int, run: _Run, sync: bool, done_params: frozenset) -> None:
+        core = self.core
+        if core.masters is not None:
+            core.masters.settle()
+        if core.params[0].device.type == "cuda":
             torch.cuda.empty_cache()
-        assert self._touch is not None
-        reached = set(self._touch.touched)  # these already hold this piece's whole, weighted contribution
+        assert self.touch is not None
+        reached = set(self.touch.touched)  # these already hold this piece's whole, weighted contribution
         new = halves(k)
-        if eng.micro_batch_limit is None or new < eng.micro_batch_limit:
-            eng.micro_batch_limit = new
+        if core.micro_batch_limit is None or new < core.micro_batch_limit:
+            core.micro_batch_limit = new
             warn_user(
                 f"gaccum: out of memory on a micro-batch of {k}; split into {new} + {k - new} and carried on. "
                 f"The window's effective batch is unchanged; micro-batches now run in pieces of at most {new}",
                 RuntimeWarning,
             )
-        eng.oom_splits += 1
-        if reached and all(p in reached or p in done_params for p in eng.params if p.requires_grad):
+        core.oom_splits += 1
+        if reached and all(p in reached or p in done_params for p in core.params if p.requires_grad):
             # the backward had reached every parameter: the piece is in, whole
             if run.attempt_loss is not None:
-                eng.add_loss(run.attempt_loss, run.attempt_items)
-            run.add(run.attempt_items, run.attempt_items_mode)
+                core.window.add_loss(run.attempt_loss, run.attempt_items)
+            run.add(run.attempt_items)
             return
         parts = split_batch(piece, new)
         for j, part in enumerate(parts):
             self._piece(part, run, sync and j == len(parts) - 1, done_params | reached)
 
-    def _attempt(self, piece: Any, k: int, run: "_Run", sync: bool, done_params: frozenset) -> None:
-        eng = self.engine
-        ddp_ctx = self.sync_context(sync)
-        watch = self._touch.attempt(done_params) if self._touch is not None else contextlib.nullcontext()
+    def _attempt(self, piece: Any, k: int, run: _Run, sync: bool, done_params: frozenset) -> None:
+        core, front = self.core, self.front
+        watch = self.touch.attempt(done_params) if self.touch is not None else contextlib.nullcontext()
         budget: Any = contextlib.nullcontext()
-        if self.memory_limit is not None:
+        if front.memory_limit is not None:
             extra = batch_tensors(piece) + [p.grad for p in done_params if p.grad is not None]
-            if eng.masters is not None:
-                assert eng.master_weights is not None
-                extra += [eng.masters.flat, *eng.master_weights.weights]
-            budget = MemoryBudget(self.memory_limit, self.model, eng.optimizer, extra)
+            if core.masters is not None:
+                assert core.master_weights is not None
+                extra += [core.masters.flat, *core.master_weights.weights]
+            budget = MemoryBudget(front.memory_limit, front.model, core.optimizer, extra)
         run.attempt_loss = None
-        with budget, watch, ddp_ctx:
-            loss, items = _loss_and_items(run.loss_fn(self.model, piece))
+        with budget, watch, front.sync_context(sync):
+            loss, items = _loss_and_items(run.loss_fn(front.model, piece))
             n = items if items is not None else run.n_full * k / run.size
-            run.attempt_items, run.attempt_items_mode = n, items is not None
-            if self._skip_nonfinite(loss):
+            run.attempt_items = n
+            if core.skip_nonfinite(loss):
                 return
             run.attempt_loss = loss.detach()
-            self._weighted_backward(loss, n, n * run.size / k)
-        if self.memory_limit is not None:
+            core.backward(loss, n, n * run.size / k)
+        if front.memory_limit is not None:
             self.peak_memory = max(self.peak_memory or 0, budget.peak)
-            eng.window_peak = max(eng.window_peak, budget.peak)
-        run.add(n, items is not None)
+            core.window_peak = max(core.window_peak, budget.peak)
+        run.add(n)

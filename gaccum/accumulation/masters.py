@@ -6,31 +6,32 @@ parameter's gradient is moved into a flat FP32 buffer as soon as backward has
 produced it (``register_post_accumulate_grad_hook``) and the half gradient is
 freed. Hooks collect gradients into buckets so the fused op runs once per
 bucket, not once per parameter; the rest is flushed by an autograd callback at
-the end of the backward pass. At most one bucket of half gradients is alive.
+the end of the backward pass (:class:`~gaccum.accumulation.lifecycle.BackwardWatch`). At most one
+bucket of half gradients is alive.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .ops import fused_masters, unscale_check_accumulate_
-
-HALF = (torch.float16, torch.bfloat16)
+from ..ops import fused_masters, unscale_check_accumulate_
+from .checks import HALF
+from .lifecycle import BackwardWatch
 
 # Everything that moves gradients out of .grad as backward produces them (MasterGrads, the hook's
 # window): verify() pauses those on its model so that its own passes leave a live window alone.
-_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+LIVE_MOVERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 @contextlib.contextmanager
 def paused(params: Sequence[torch.Tensor]) -> Iterator[None]:
     """Pause every live gradient mover on ``params`` (after settling what it has pending)."""
     wanted = {id(p) for p in params}
-    objs = [o for o in list(_LIVE) if any(id(p) in wanted for p in o.params)]
+    objs = [o for o in list(LIVE_MOVERS) if any(id(p) in wanted for p in o.params)]
     for o in objs:
         if hasattr(o, "flush_pending"):
             o.flush_pending()
@@ -66,7 +67,8 @@ def flat_masters(params: Sequence[torch.Tensor], device: torch.device) -> tuple[
 class MasterGrads:
     """One flat FP32 buffer holding the accumulated gradient of ``params``."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 32 << 20,
+                 watch: Optional[BackwardWatch] = None) -> None:
         devices = {p.device for p in params}
         if len(devices) != 1:
             raise ValueError(
@@ -84,7 +86,8 @@ class MasterGrads:
         self.bucket_bytes = bucket_bytes
         self._pending: list[int] = []
         self._pending_bytes = 0
-        self._callback_queued = False
+        self.watch = watch if watch is not None else BackwardWatch()
+        self.watch.on_complete.append(self.flush_pending)
         self.skip: frozenset = frozenset()
         self.paused = False
         # Where the fused kernel serves this device: the masters registered once, and each contiguous
@@ -92,8 +95,8 @@ class MasterGrads:
         self._fused = fused_masters(self.views, [p.dtype for p in self.params], self.found_inf, self._inv_scale)
         self._ready: dict[bool, tuple[list[int], list[int], list[torch.Tensor]]] = {True: ([], [], []),
                                                                                     False: ([], [], [])}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
-        _LIVE.add(self)
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        LIVE_MOVERS.add(self)
 
     # -- hooks ------------------------------------------------------------
     @property
@@ -108,6 +111,7 @@ class MasterGrads:
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None or self.paused:
             return
+        self.watch.seen()  # an earlier backward that raised part-way is discarded first
         if p in self.skip:  # already in from an attempt that ran out of memory (autosplit.py)
             p.grad = None
             return
@@ -120,26 +124,21 @@ class MasterGrads:
         else:
             self._pending.append(i)
         self._pending_bytes += g.numel() * g.element_size()
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if self._pending_bytes >= self.bucket_bytes:
             self.flush_pending()
 
-    def _end_of_backward(self) -> None:
-        self._callback_queued = False
+    def settle(self) -> None:
+        """After an out-of-memory attempt whose backward raised (micro_batch keeps what it reached): the
+        pending gradients are that attempt's own, already weighted, so they go in now."""
         self.flush_pending()
+        self.watch.forget()
 
-    def recover(self) -> None:
-        """Settle a backward that raised: autograd never runs the queued callback then.
-
-        Its pending gradients are that backward's own contributions (already
-        weighted by the current inv_scale), so they are flushed now, before the
-        next micro-step changes inv_scale; and the callback flag is cleared, or
-        no later backward would ever queue one.
-        """
-        self.flush_pending()
-        self._callback_queued = False
+    def drop_pending(self) -> None:
+        """Free the pending half gradients without adding them (a window being discarded)."""
+        for i in self._pending + [i for index, _, _ in self._ready.values() for i in index]:
+            self.params[i].grad = None
+        self._pending, self._pending_bytes = [], 0
+        self._ready = {True: ([], [], []), False: ([], [], [])}
 
     def flush_pending(self) -> None:
         """Move the pending half gradients into the masters and free them."""
@@ -177,10 +176,10 @@ class MasterGrads:
         self.found_inf.zero_()
 
     def remove(self) -> None:
-        for h in self._handles:
+        for h in self.handles:
             h.remove()
-        self._handles = []
-        _LIVE.discard(self)
+        self.handles = []
+        LIVE_MOVERS.discard(self)
 
 
 class MasterWeights:
@@ -222,15 +221,22 @@ class MasterWeights:
 
     def refresh_stale(self) -> int:
         """Masters of half parameters written since the last copy-back (``load_state_dict``, ``p.data = ...``,
-        an EMA swap) are re-read from them, so the next step never writes old weights back. Returns how many."""
+        an EMA swap) are re-read from them, so the next step never writes old weights back. Returns how many.
+
+        A half weight written with exactly the rounding of its master (the model's own checkpoint loaded
+        after ``acc.load_state_dict``) keeps the FP32 master: re-reading it would lose its low bits.
+        """
         stale = [i for i, (m, now) in enumerate(zip(self._seen, self._marks())) if m != now]
+        refreshed = 0
         if stale:
             with torch.no_grad():
                 for i in stale:
                     p, w = self.half_pairs[i]
-                    w.copy_(p.detach())
+                    if p.shape != w.shape or not torch.equal(p.detach(), w.detach().to(p.dtype)):
+                        w.copy_(p.detach())
+                        refreshed += 1
             self._seen = self._marks()
-        return len(stale)
+        return refreshed
 
     def copy_back(self) -> None:
         if self.half_pairs:
