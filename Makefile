@@ -29,7 +29,7 @@ test: setup kernel-check
 # The CUDA kernel's exact source built for the host (csrc/emu/) against a float64 reference: the whole
 # matrix under ASan + UBSan in natural and permuted thread/block orders; an FMA-contracting UBSan build
 # with the tensor that spans three launches and 65,540 tensors; ThreadSanitizer with blocks on two OS
-# threads on a subset. tests/test_kernel_check.py shows each planted bug makes it fail.
+# threads on a subset. tests/kernel/test_kernel_check.py shows each planted bug makes it fail.
 kernel-check: setup
 	$(VPY) -m gaccum._hostemu asan --orders 2
 	$(VPY) -m gaccum._hostemu fma --big --many

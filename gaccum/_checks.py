@@ -16,8 +16,14 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
     import sys
     import warnings
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    import contextlib
+
+    import torch
+
+    # gaccum's own frames, and the context managers and autograd it runs the user's code through
+    inner = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep,
+             os.path.abspath(contextlib.__file__))
     level, frame = 2, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inner):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

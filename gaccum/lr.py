@@ -15,8 +15,8 @@ def scale_lr(base_lr: float, base_bs: int, effective_bs: int, rule: str = "linea
     ``linear`` (Goyal et al. 2017) suits SGD; ``sqrt`` (Hoffer et al. 2017,
     Malladi et al. 2022) suits Adam-type optimizers.
     """
-    if not isinstance(base_lr, (int, float)) or isinstance(base_lr, bool) or not base_lr > 0:
-        raise ValueError(f"gaccum: base_lr must be a positive number, got {base_lr!r}")
+    if not isinstance(base_lr, (int, float)) or isinstance(base_lr, bool) or not 0 < base_lr < math.inf:
+        raise ValueError(f"gaccum: base_lr must be a positive, finite number, got {base_lr!r}")
     for name, v in (("base_bs", base_bs), ("effective_bs", effective_bs)):
         if not is_int(v) or v < 1:
             raise ValueError(f"gaccum: {name} must be an int >= 1, got {v!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -13,8 +14,9 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise TypeError("gaccum: a memory size must be bytes (int) or a string like '8GiB', got a bool")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"gaccum: a memory size must be > 0, got {value}")
+        if not math.isfinite(value) or value < 1:
+            raise ValueError(f"gaccum: a memory size must be a finite number of bytes >= 1, got {value!r}; "
+                             "pass bytes (an int) or a string like '8GiB'")
         return int(value)
     if not isinstance(value, str):
         raise TypeError(f"gaccum: a memory size must be bytes (int) or a string like '8GiB', got {type(value).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
@@ -66,6 +67,10 @@ def verify(
     mode unless ``train_mode`` (dropout would make the two passes differ); its
     weights, gradients and mode are left as they were.
     """
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0 <= tolerance < math.inf):
+        raise ValueError(f"gaccum: tolerance must be a finite number >= 0 (a relative difference, e.g. 1e-6) or "
+                         f"None for the dtype's default, got {tolerance!r}")
     if not is_int(micro_batch_size) or micro_batch_size < 1:
         raise ValueError(f"gaccum: micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
     params = [p for p in model.parameters() if p.requires_grad]

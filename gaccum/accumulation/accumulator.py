@@ -23,7 +23,7 @@ from ..schedule import AccumulationSchedule, as_schedule
 from . import checkpoint
 from .boundary import StepResult
 from .checks import check_choice, check_items, check_loss, check_plan
-from .core import FLUSH, WINDOW_END, AccumulationCore
+from .core import FLUSH, MICRO_STEP, AccumulationCore
 from .micro_batch import MicroBatchRunner, check_memory_limit
 from .state import WindowState
 
@@ -234,13 +234,12 @@ class Accumulator:
 
         ``last=True`` says this micro-step ends the data (so a short last window
         syncs through DDP's own reducer instead of a manual all-reduce in flush()).
-        Under DDP/FSDP2 the ranks check, before the window's last micro-step, that they all reached it.
+        Under DDP/FSDP2 the ranks first check that they are all at this micro-step (WindowMismatchError).
         """
         core = self.core
         core.require_open("accumulate")
+        core.check_ranks(MICRO_STEP)
         is_last = core.window.next_is_last() or bool(last)
-        if is_last:
-            core.check_ranks(WINDOW_END)
         sync = is_last and core.masters is None
         core.begin_micro()
         self._in_block, self._fed_size, self._last_flag, self._sync = True, None, bool(last), sync

@@ -33,7 +33,7 @@ from .lifecycle import BackwardWatch, Teardown
 from .masters import MasterGrads, MasterWeights
 from .state import Window, WindowMismatchError, WindowState
 
-FLUSH, WINDOW_END = 1, 0  # what a rank is doing when ranks compare their windows
+MICRO_STEP, FLUSH = 0, 1  # what a rank is about to do when the ranks compare their windows
 
 
 class AccumulationCore:
@@ -221,14 +221,18 @@ class AccumulationCore:
 
     # -- ranks -----------------------------------------------------------------------
     def check_ranks(self, kind: int) -> None:
-        """Under DDP/FSDP2, before a window's last micro-step or at flush(): every rank must be at the same
-        micro-step doing the same thing, or each raises WindowMismatchError (one small all-reduce)."""
+        """Under DDP/FSDP2, before each micro-step's forward and at flush(): every rank must be at the same
+        micro-step doing the same thing, or each raises WindowMismatchError (one two-number all-reduce).
+
+        Before every forward, not only a window's last: DDP's forward may itself communicate (its first
+        bucket rebuild, broadcast buffers) and FSDP2's all-gathers, so a rank that has ended must be told
+        before the others reach any collective."""
         if self._world() == 1:
             return
         code = 2 * self.window.micro + kind
         lo, hi = spread([code], self.params[0].device)[0]
         if lo != hi:
-            what = "flush()" if kind == FLUSH else "the window's last micro-step"
+            what = "flush()" if kind == FLUSH else "a micro-step"
             self.discard()
             raise WindowMismatchError(
                 f"gaccum: the ranks disagree on where the window ends: this rank reached {what} after "

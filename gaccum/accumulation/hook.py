@@ -33,7 +33,7 @@ from ..schedule import AccumulationSchedule
 from . import checkpoint
 from .boundary import StepResult
 from .checks import check_optimizer, check_scaler_and_scheduler
-from .core import FLUSH, WINDOW_END, AccumulationCore
+from .core import FLUSH, MICRO_STEP, AccumulationCore
 from .masters import LIVE_MOVERS
 from .state import WindowState
 
@@ -171,9 +171,9 @@ class AccumulationHook:
             self.ddp.require_backward_grad_sync = self.core.masters is not None or self.core.window.next_is_last()
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        """Under DDP, before the forward of a window's last micro-step: every rank must be there."""
-        if torch.is_grad_enabled() and module.training and self._active() and self.core.window.next_is_last():
-            self.core.check_ranks(WINDOW_END)
+        """Under DDP, before each training forward: every rank must be at the same micro-step."""
+        if torch.is_grad_enabled() and module.training and self._active():
+            self.core.check_ranks(MICRO_STEP)
 
     def _stash_to_grad(self, k: int) -> None:
         """What is still in the window (a partial one, or parameters the last backward did not reach)."""

@@ -95,7 +95,10 @@ class MasterGrads:
         self._fused = fused_masters(self.views, [p.dtype for p in self.params], self.found_inf, self._inv_scale)
         self._ready: dict[bool, tuple[list[int], list[int], list[torch.Tensor]]] = {True: ([], [], []),
                                                                                     False: ([], [], [])}
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        # the watch runs before autograd accumulates: a failed backward's pending gradients are dropped
+        # before a new backward could add to them
+        self.handles = [h for p in self.params for h in (p.register_hook(self._before_accumulate),
+                                                         p.register_post_accumulate_grad_hook(self._hook))]
         LIVE_MOVERS.add(self)
 
     # -- hooks ------------------------------------------------------------
@@ -108,10 +111,13 @@ class MasterGrads:
             self._inv_scale.fill_(value)
             self._inv_scale_value = value
 
+    def _before_accumulate(self, grad: torch.Tensor) -> None:
+        if not self.paused:
+            self.watch.seen()  # an earlier backward that raised part-way is discarded first
+
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None or self.paused:
             return
-        self.watch.seen()  # an earlier backward that raised part-way is discarded first
         if p in self.skip:  # already in from an attempt that ran out of memory (autosplit.py)
             p.grad = None
             return

@@ -33,7 +33,7 @@ from ..batch import batch_size, batch_tensors, split_batch
 from ..memory import parse_bytes
 from .boundary import StepResult
 from .checks import check_items, check_loss
-from .core import WINDOW_END, AccumulationCore
+from .core import MICRO_STEP, AccumulationCore
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -179,9 +179,8 @@ class MicroBatchRunner:
         size = batch_size(batch)
         if size == 0:
             raise ValueError("gaccum: micro_batch() got an empty batch (0 samples); skip it, nothing was run")
+        core.check_ranks(MICRO_STEP)
         is_last = core.window.next_is_last() or bool(last)
-        if is_last:
-            core.check_ranks(WINDOW_END)
         sync = self._sync(is_last)
         if self.touch is None and self.on_oom == "split":
             self.touch = TouchTracker(core.params, core.masters)

@@ -13,7 +13,7 @@ import torch
 import gaccum
 from gaccum import _build, _ext, ops
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAS_NVCC = _build.find_cuda_home() is not None
 needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 
