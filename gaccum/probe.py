@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .accounting import LiveBytes
+from .accounting import AllocatorEvents, LiveBytes
 from ._fsdp import fsdp_root, gradient_sync
 from .accumulation import is_oom
 from .batch import batch_devices, batch_size
@@ -315,7 +315,8 @@ def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> Prob
 
 def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snapshot],
                   fake_mode: Any = None) -> ProbeResult:
-    """CPU (or fake-tensor) probe: LiveBytes counts every storage and stops at the budget."""
+    """CPU (or fake-tensor) probe: LiveBytes counts every storage and stops at the budget; on CPU the
+    allocator's own events also count the scratch operators allocate inside, and the larger peak counts."""
     # Under FSDP2 a probe runs collectives: one rank stopping early would leave the others waiting,
     # so every rank runs its probe to the end and the verdict comes after.
     meter = LiveBytes(None if rig.fsdp is not None else int(budget * PROBE_MARGIN))
@@ -329,11 +330,13 @@ def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snaps
         else:
             phases["act"] = meter.peak
 
+    base = meter.live
+    events = AllocatorEvents() if fake_mode is None and rig.device.type == "cpu" else None
     t0 = time.perf_counter()
     oom = False
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         try:
-            with meter:
+            with meter, events if events is not None else contextlib.nullcontext():
                 rig.step(sample, loss_fn, b, on_phase=on_phase)
         except torch.OutOfMemoryError:
             oom = True
@@ -341,7 +344,8 @@ def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snaps
     seconds = time.perf_counter() - t0
     if snapshot is not None:
         snapshot.restore_weights()
-    peak = None if oom else meter.peak  # reset at the forward, so it already covers the activations
+    # LiveBytes' peak is reset at the forward, so it already covers the activations
+    peak = None if oom else max(meter.peak, base + events.peak if events is not None else 0)
     fit = peak is not None and peak <= budget
     return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
 

@@ -145,8 +145,13 @@ def test_half_precision_plan_counts_fp32_masters_and_holds_under_the_accumulator
     budget = n * 18 + (1 << 20)  # 2 (bf16) + 4 (FP32 weights) + 4 (FP32 grads) + 8 (AdamW) B/param, 1 MiB to spare
     p = gaccum.plan(model, target_bs=1024, sample=sample, loss_fn=ce, memory_limit=budget, headroom=0, cache=False)
     assert p.master_grads and "FP32 master gradients" in str(p)
-    truth = largest_under(_accumulator_peak, budget, 1024)
-    assert p.max_micro_batch == truth
+    # Judged by the CPU allocator's own events under the real Accumulator, not by gaccum's accounting. How
+    # much scratch oneDNN takes for bf16 depends on the CPU, and its peak need not even grow with b (here
+    # 250 is over the budget and 256 under), so the plan must be a true edge: its size fits, the next does
+    # not, and it is close to what a bisection of the Accumulator's peaks finds.
+    b = p.max_micro_batch
+    assert _accumulator_peak(b) <= budget < _accumulator_peak(b + 1)
+    assert b >= 0.9 * largest_under(_accumulator_peak, budget, 1024)
     without = gaccum.plan(model, target_bs=1024, sample=sample, loss_fn=ce, memory_limit=budget, headroom=0,
                           master_grads=False, cache=False)
     assert without.max_micro_batch > p.max_micro_batch  # bf16 state and .grad: what the old plan counted
