@@ -154,3 +154,20 @@ def window_plan(window):
     return gaccum.Plan(micro_batch_size=max(window), accum_steps=len(window), effective_batch_size=sum(window),
                        window=list(window), target_bs=sum(window), world_size=1, peak_memory=None,
                        memory_limit=1 << 30, headroom=0, device="cpu", amp=None)
+
+
+class RaiseOnce(nn.Module):
+    """An identity layer whose backward raises on the ``when``-th backward through it (a module backward hook)."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.count, self.when = 0, when
+        self.register_full_backward_hook(self._hook)
+
+    def forward(self, h):
+        return h * 1.0
+
+    def _hook(self, module, grad_in, grad_out):
+        self.count += 1
+        if self.count == self.when:
+            raise RuntimeError("backward hook failed")

@@ -26,6 +26,7 @@ from .checks import check_choice, check_items, check_loss, check_plan
 from .core import FLUSH, MICRO_STEP, AccumulationCore
 from .micro_batch import MicroBatchRunner, check_memory_limit
 from .state import WindowState
+from .view import reads_core
 
 
 def batch_norm_layers(model: nn.Module) -> list[str]:
@@ -75,6 +76,7 @@ class _SizeProbe:
                 acc._fed_size = None
 
 
+@reads_core
 class Accumulator:
     """Gradient accumulation for a training loop you write.
 
@@ -174,52 +176,8 @@ class Accumulator:
                 UserWarning,
             )
 
-    # -- read-only state -----------------------------------------------------
-    @property
-    def state(self) -> WindowState:
-        """Where the current window is: EMPTY, IN_MICRO_STEP, ACCUMULATING, AT_BOUNDARY or CLOSED."""
-        return self.core.state
-
-    accum_steps = property(lambda self: self.core.accum_steps)
-    optimizer = property(lambda self: self.core.optimizer)
-    optimizer_steps = property(lambda self: self.core.optimizer_steps)
-    skipped_steps = property(lambda self: self.core.skipped_steps)
-    discarded_windows = property(lambda self: self.core.discarded_windows,
-                                 doc="Windows dropped because a backward or the optimizer step raised")
-    micro_steps = property(lambda self: self.core.micro_steps)
-    micro_in_window = property(lambda self: self.core.micro)
-    oom_splits = property(lambda self: self.core.oom_splits)
-    epoch = property(lambda self: self.core.epoch)
-    last_result = property(lambda self: self.core.last_result,
-                           doc="The last boundary's StepResult (``discarded=True`` after a fault)")
     peak_memory = property(lambda self: self._runner.peak_memory,
                            doc="The last micro_batch()'s peak under memory_limit")
-
-    last_window_peak = property(lambda self: self.core.last_window_peak,
-                                doc="The most bytes live in the last window's micro-steps under a CPU memory_limit")
-
-    @property
-    def micro_batch_limit(self) -> Optional[int]:
-        """The largest micro-batch that ran after an out-of-memory split (None: never split)."""
-        return self.core.micro_batch_limit
-
-    @property
-    def master_grad_bytes(self) -> int:
-        return self.core.masters.nbytes if self.core.masters is not None else 0
-
-    @property
-    def uses_master_grads(self) -> bool:
-        return self.core.masters is not None
-
-    def add_callback(self, fn: Callable[[StepResult, Any], None]) -> None:
-        """``fn(result, accumulator)`` after every optimizer step (or skip). Any state but CLOSED."""
-        self.core.window.require("add_callback", *[s for s in WindowState if s is not WindowState.CLOSED])
-        self.core.callbacks.append(fn)
-
-    def set_epoch(self, epoch: int) -> None:
-        """For a schedule by epoch: call at the start of each epoch (takes effect between windows)."""
-        self.core.require_open("set_epoch")
-        self.core.set_epoch(epoch)
 
     # -- the loop --------------------------------------------------------------
     def sync_context(self, sync: bool) -> Any:

@@ -112,6 +112,16 @@ class AccumulationCore:
     def micro(self) -> int:
         return self.window.micro
 
+    micro_in_window = micro
+
+    @property
+    def master_grad_bytes(self) -> int:
+        return self.masters.nbytes if self.masters is not None else 0
+
+    @property
+    def uses_master_grads(self) -> bool:
+        return self.masters is not None
+
     def require_open(self, action: str) -> None:
         """Any state but CLOSED (and not inside the boundary)."""
         self.window.require(action, WindowState.EMPTY, WindowState.ACCUMULATING)

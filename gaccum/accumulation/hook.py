@@ -36,8 +36,10 @@ from .checks import check_optimizer, check_scaler_and_scheduler
 from .core import FLUSH, MICRO_STEP, AccumulationCore
 from .masters import LIVE_MOVERS
 from .state import WindowState
+from .view import reads_core
 
 
+@reads_core
 class AccumulationHook:
     """Returned by :func:`hook`; ``remove()`` gives the optimizer back untouched.
 
@@ -68,7 +70,7 @@ class AccumulationHook:
             raise ValueError("gaccum: hook(model=ddp_model) with half-precision parameters (FP32 masters) is not "
                              "supported; use gaccum.Accumulator(ddp_model, optimizer, ...) or master_grads=False")
         core.window.ref_total, core.window.fixed_ref = 1.0, True  # raw gradients are summed: R = 1 for good
-        self.optimizer, self.scaler, self.params = optimizer, core.scaler, core.params
+        self.scaler, self.params = core.scaler, core.params
         self.paused = False
         self.stash: dict[torch.Tensor, torch.Tensor] = {}  # the window without masters, out of zero_grad's reach
         self._moved_back: set[torch.Tensor] = set()
@@ -105,34 +107,6 @@ class AccumulationHook:
             td.handles([ddp.register_forward_pre_hook(self._before_forward)])
             td.add(lambda: setattr(ddp, "require_backward_grad_sync", True))
         self._set_sync()
-
-    # -- read-only state -------------------------------------------------------
-    @property
-    def state(self) -> WindowState:
-        return self.core.state
-
-    optimizer_steps = property(lambda self: self.core.optimizer_steps)
-    skipped_steps = property(lambda self: self.core.skipped_steps)
-    discarded_windows = property(lambda self: self.core.discarded_windows)
-    accum_steps = property(lambda self: self.core.accum_steps)
-    micro_in_window = property(lambda self: self.core.micro)
-    last_result = property(lambda self: self.core.last_result)
-
-    last_window_peak = property(lambda self: self.core.last_window_peak,
-                                doc="The most bytes live in the last window's micro-steps under a CPU memory_limit")
-    micro_batch_limit = property(lambda self: self.core.micro_batch_limit)
-    oom_splits = property(lambda self: self.core.oom_splits)
-    master_grad_bytes = property(lambda self: self.core.masters.nbytes if self.core.masters is not None else 0)
-
-    def add_callback(self, fn: Any) -> None:
-        """``fn(result, hook)`` after every optimizer step (or skip). Any state but CLOSED."""
-        self.core.window.require("add_callback", *[s for s in WindowState if s is not WindowState.CLOSED])
-        self.core.callbacks.append(fn)
-
-    def set_epoch(self, epoch: int) -> None:
-        """EMPTY / ACCUMULATING. For a schedule by epoch: call at the start of each epoch."""
-        self.core.require_open("set_epoch")
-        self.core.set_epoch(epoch)
 
     # -- the window, out of .grad -------------------------------------------------
     def _active(self) -> bool:

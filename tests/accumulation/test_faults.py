@@ -15,7 +15,7 @@ from torch import nn
 
 import gaccum
 from conftest import max_abs_diff, max_rel_diff, mlp, regression_data
-from helpers import chunks
+from helpers import RaiseOnce, chunks
 
 MICRO, K = 4, 4
 WINDOWS = 4  # 64 samples: 4 windows of 4 micro-batches of 4
@@ -52,21 +52,6 @@ class Flaky(torch.optim.SGD):
         return super().step(closure)
 
 
-class RaiseOnce(nn.Module):
-    """A layer whose backward raises on the ``when``-th backward through it (a module backward hook)."""
-
-    def __init__(self, when):
-        super().__init__()
-        self.count, self.when = 0, when
-        self.register_full_backward_hook(self._hook)
-
-    def forward(self, h):
-        return h * 1.0
-
-    def _hook(self, module, gin, gout):
-        self.count += 1
-        if self.count == self.when:
-            raise RuntimeError("backward hook failed")
 
 
 def micro_batches(dtype=torch.float64):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaccum
-from helpers import free_port
+from helpers import RaiseOnce, free_port
 
 K, MB = 4, 4
 
@@ -22,60 +22,56 @@ def _model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-class _RaiseOnce(nn.Module):
-    def __init__(self, when):
-        super().__init__()
-        self.count, self.when = 0, when
-        self.register_full_backward_hook(self._hook)
-
-    def forward(self, h):
-        return h * 1.0
-
-    def _hook(self, *_):
-        self.count += 1
-        if self.count == self.when:
-            raise RuntimeError("backward hook failed")
 
 
-def _accumulator_run(rank, counts, raise_at=None):
-    """``counts[rank]`` micro-batches through accumulate()/backward(), then flush(); the error, if any."""
-    torch.manual_seed(rank)
-    inner = _model()
-    if raise_at is not None and rank == raise_at[0]:
-        inner = nn.Sequential(inner[0], _RaiseOnce(raise_at[1]), inner[1], inner[2])
-    model = nn.parallel.DistributedDataParallel(inner)
-    acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=K)
+def _run(front, model, n, micro_step):
+    """``n`` micro-batches through ``micro_step(x, y)``, then flush(); (verdict, micro-steps left in the window)."""
     try:
-        for i in range(counts[rank]):
+        for _ in range(n):
             x, y = torch.randn(MB, 6, dtype=torch.float64), torch.randn(MB, 3, dtype=torch.float64)
             try:
-                with acc.accumulate():
-                    acc.backward(F.mse_loss(model(x), y))
+                micro_step(x, y)
             except RuntimeError as exc:
                 if "backward hook failed" not in str(exc):
                     raise
-        acc.flush()
-        return "ok", acc.optimizer_steps
+        front.flush()
+        return "ok", front.optimizer_steps
     except gaccum.WindowMismatchError as exc:
-        return "mismatch: " + str(exc), acc.micro_in_window
+        return "mismatch: " + str(exc), front.micro_in_window
+
+
+def _accumulator_run(rank, counts, raise_at=None):
+    """``counts[rank]`` micro-batches through accumulate()/backward(), then flush()."""
+    torch.manual_seed(rank)
+    inner = _model()
+    if raise_at is not None and rank == raise_at[0]:
+        inner = nn.Sequential(inner[0], RaiseOnce(raise_at[1]), inner[1], inner[2])
+    model = nn.parallel.DistributedDataParallel(inner)
+    acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=K)
+
+    def micro_step(x, y):
+        with acc.accumulate():
+            acc.backward(F.mse_loss(model(x), y))
+
+    try:
+        return _run(acc, model, counts[rank], micro_step)
     finally:
         acc.close()
 
 
 def _hook_run(rank, counts):
+    """The same through an unchanged loop under gaccum.hook(model=ddp_model)."""
     model = nn.parallel.DistributedDataParallel(_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     h = gaccum.hook(opt, K, model=model)
+
+    def micro_step(x, y):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
     try:
-        for i in range(counts[rank]):
-            x, y = torch.randn(MB, 6, dtype=torch.float64), torch.randn(MB, 3, dtype=torch.float64)
-            F.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-        h.flush()
-        return "ok", h.optimizer_steps
-    except gaccum.WindowMismatchError as exc:
-        return "mismatch: " + str(exc), h.micro_in_window
+        return _run(h, model, counts[rank], micro_step)
     finally:
         h.remove()
 
