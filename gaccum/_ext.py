@@ -34,7 +34,7 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _load_from(path: Path, name: str = "gaccum._C") -> ModuleType:
+def load_from(path: Path, name: str = "gaccum._C") -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     assert spec is not None
@@ -75,7 +75,7 @@ def load(jit: bool = True, quiet: bool = False) -> ModuleType | None:
                 if path is None:
                     reason = "no prebuilt module and JIT build not requested"
                 else:
-                    module = _load_from(path)
+                    module = load_from(path)
             except (_build.BuildError, ImportError, OSError) as exc:
                 reason = str(exc)
         _state["module"], _state["reason"] = module, reason

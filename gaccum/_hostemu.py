@@ -162,9 +162,9 @@ def load_module(out_dir: Path | None = None) -> ModuleType:
     Its init function is the real module's (``PyInit__C``), so only the last part of the name must be
     ``_C``; a name of its own keeps it from being taken for an already imported ``gaccum._C``.
     """
-    from ._ext import _load_from
+    from ._ext import load_from
 
-    return _load_from(build_module(out_dir), "gaccum_hostemu._C")
+    return load_from(build_module(out_dir), "gaccum_hostemu._C")
 
 
 def default_dir() -> Path:

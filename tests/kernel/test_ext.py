@@ -27,14 +27,14 @@ def _run(code, **env):
 @needs_nvcc
 def test_prebuilt_module_is_installed_and_imports():
     # `make test` built it with pip; CI must never silently lose the module.
-    mod = _ext._load_from(_ext._find_prebuilt())
+    mod = _ext.load_from(_ext._find_prebuilt())
     assert mod.CHUNK_SIZE == 65536 and mod.MAX_TENSORS_PER_LAUNCH > 110
 
 
 @needs_nvcc
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_calling_the_kernel_without_a_gpu_is_a_clear_error_not_a_crash():
-    mod = _ext._load_from(_ext._find_prebuilt())
+    mod = _ext.load_from(_ext._find_prebuilt())
     assert mod.device_count() == 0
     with pytest.raises(RuntimeError, match="no CUDA device"):
         mod.unscale_check_accumulate([1], [2], [4], [0], 3, 4, 0, False, False, 0)
@@ -97,7 +97,7 @@ def test_cmake_builds_the_same_module(tmp_path):
     assert b.returncode == 0, b.stdout + b.stderr
     built = list(tmp_path.glob("_C*.so"))
     assert built
-    mod = _ext._load_from(built[0])
+    mod = _ext.load_from(built[0])
     assert mod.CHUNK_SIZE == 65536
 
 
