@@ -118,7 +118,7 @@ class MasterGrads:
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None or self.paused:
             return
-        if p in self.skip:  # already in from an attempt that ran out of memory (autosplit.py)
+        if p in self.skip:  # already in from an attempt that ran out of memory (micro_batch.py)
             p.grad = None
             return
         g, i = p.grad, self.index[p]
