@@ -331,7 +331,8 @@ def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snaps
             phases["act"] = meter.peak
 
     base = meter.live
-    events = AllocatorEvents() if fake_mode is None and rig.device.type == "cpu" else None
+    # FSDP2's collectives allocate in gloo's threads too; there the tensor count is the measure
+    events = AllocatorEvents() if fake_mode is None and rig.device.type == "cpu" and rig.fsdp is None else None
     t0 = time.perf_counter()
     oom = False
     with fake_mode if fake_mode is not None else contextlib.nullcontext():

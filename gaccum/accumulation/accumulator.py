@@ -159,8 +159,8 @@ class Accumulator:
         self._in_block = False
         self._fed_size: Optional[int] = None
         self._warned_size = False
-        if window is not None:
-            core.teardown.handles([inner.register_forward_pre_hook(_SizeProbe(self), with_kwargs=True)])
+        # the size of what the model is fed weighs each micro-batch (exact by default, a short last one too)
+        core.teardown.handles([inner.register_forward_pre_hook(_SizeProbe(self), with_kwargs=True)])
         if warn_batchnorm:
             self._warn_batchnorm(inner)
 
@@ -233,26 +233,30 @@ class Accumulator:
         if core.state is not WindowState.IN_MICRO_STEP:
             raise RuntimeError("gaccum: backward() was already called in this accumulate() block; one per micro-batch")
         check_loss(loss)
-        n = core.window.default_items() if num_items is None else check_items(num_items)
-        if num_items is None and self._fed_size is not None and core.window.plan_window() is not None \
-                and self._fed_size != n:
-            self._warn_fed_size(int(n))
+        fed = self._fed_size
+        if num_items is not None:
+            n = check_items(num_items)
+        elif fed is not None:
+            n = float(fed)  # exact by default: a micro-batch weighs the samples it holds
+        else:
+            n = core.window.default_items()
+            self._warn_unknown_size()
         if core.skip_nonfinite(loss):
             core.leave_micro()
             return core.micro_result()
         core.backward(loss, n)
-        return core.end_micro(n, self._sync, items_mode=num_items is not None, last=self._last_flag)
+        return core.end_micro(n, self._sync, items_mode=num_items is not None or fed is not None,
+                              last=self._last_flag, samples=fed)
 
-    def _warn_fed_size(self, expected: int) -> None:
+    def _warn_unknown_size(self) -> None:
         if self._warned_size:
             return
         self._warned_size = True
         warn_user(
-            f"gaccum: the model was fed a micro-batch of {self._fed_size} samples where the plan's window "
-            f"({' + '.join(map(str, self.core.window.plan or []))}) has {expected}; without num_items each micro-batch "
-            "is weighted as the plan's size, so the window is no longer the mean over its samples. Feed the plan's "
-            "window with plan.loader(dataset) (or gaccum.window_loader), pass num_items=, or use acc.micro_batch(), "
-            "which weighs every batch by its size. Shown once",
+            "gaccum: could not tell how many samples this micro-batch holds (the model was not called in the "
+            "accumulate() block, or its inputs have no common batch dimension), so micro-batches are weighted "
+            f"{'as the plan sizes them' if self.core.window.plan_window() else 'equally'}; a short one would be "
+            "weighted wrong. Pass acc.backward(loss, num_items=n), or use acc.micro_batch(batch, loss_fn). Shown once",
             RuntimeWarning,
         )
 

@@ -69,6 +69,7 @@ class AccumulationCore:
         self.micro_batch_limit: Optional[int] = None  # what micro_batch() learned from out-of-memory errors
         self.window_peak = self.last_window_peak = 0  # under a CPU memory_limit
         self.last_result: Optional[StepResult] = None
+        self._warned_overfill = False
         self._backward_ran = False  # in this micro-step: a backward started (so gradients may have moved)
         self.callbacks: list[Callable[[StepResult, Any], None]] = []
         self.on_discard: list[Callable[[], None]] = []  # a front-end's own window storage (the hook's stash)
@@ -153,10 +154,10 @@ class AccumulationCore:
         self._backward_ran = False
 
     def end_micro(self, n: float, synced: bool, items_mode: bool, last: bool = False,
-                  **boundary: bool) -> StepResult:
+                  samples: Optional[int] = None, **boundary: bool) -> StepResult:
         """IN_MICRO_STEP -> ACCUMULATING; at the window's end (or ``last``) -> the boundary (``boundary``:
-        :meth:`end_window`'s options)."""
-        self.window.end_micro(n, synced, items_mode)
+        :meth:`end_window`'s options). ``samples``: how many samples the micro-step held, when known."""
+        self.window.end_micro(n, synced, items_mode, samples)
         self.micro_steps += 1
         if self.window.is_full or last:
             return self.end_window(partial=not self.window.is_full, **boundary)
@@ -260,6 +261,7 @@ class AccumulationCore:
         """
         w = self.window
         mean_loss = w.mean_loss()
+        self._warn_overfilled()
         w.begin_boundary()
         try:
             self._finish_gradient(partial, already_mean)
@@ -283,6 +285,15 @@ class AccumulationCore:
         for cb in self.callbacks:
             cb(result, owner)
         return result
+
+    def _warn_overfilled(self) -> None:
+        differs = self.window.overfilled()
+        if differs is not None and not self._warned_overfill:
+            self._warned_overfill = True
+            warn_user(f"gaccum: this window held {differs}: every micro-batch is weighted by its real size, so the "
+                      "gradient is the mean over what was fed, but the effective batch is not the plan's. A "
+                      "DataLoader(batch_size=plan.micro_batch_size) overfills an uneven window; feed it with "
+                      "plan.loader(dataset) (or gaccum.window_loader). Shown once", RuntimeWarning)
 
     def _finish_gradient(self, partial: bool, already_mean: bool) -> None:
         """The window's gradient made the mean over its items on every rank: W * R / T."""

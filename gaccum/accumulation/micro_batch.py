@@ -201,7 +201,7 @@ class MicroBatchRunner:
             core.leave_micro()
             return core.micro_result()
         # real counts: under DDP the window's total is summed over ranks
-        return core.end_micro(run.items, sync, items_mode=True, last=bool(last))
+        return core.end_micro(run.items, sync, items_mode=True, last=bool(last), samples=size)
 
     def _sync(self, is_last: bool) -> bool:
         """Under DDP with splitting armed, no piece lets DDP reduce during backward: a rank that splits would

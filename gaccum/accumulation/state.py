@@ -71,6 +71,8 @@ class Window:
         self.micro = 0  # micro-steps counted in this window
         self.items = 0.0  # T_local: items seen in this window
         self.items_mode = False  # num_items (or real batch sizes) given in this window
+        self.samples = 0  # samples fed in this window, while every micro-step's size is known
+        self.samples_known = True
         self.loss_sum: Optional[torch.Tensor] = None  # sum of n_i x loss_i, on the device (no sync per micro-step)
         self.ref_total: Optional[float] = None  # R, fixed while accum_steps stays
         self.fixed_ref = False  # the hook sums raw gradients: R = 1 for good
@@ -92,11 +94,16 @@ class Window:
         """EMPTY / ACCUMULATING -> IN_MICRO_STEP."""
         self.to("begin_micro", WindowState.IN_MICRO_STEP)
 
-    def end_micro(self, n: float, synced: bool, items_mode: bool) -> None:
-        """IN_MICRO_STEP -> ACCUMULATING: the micro-step's gradient is in, counted with ``n`` items."""
+    def end_micro(self, n: float, synced: bool, items_mode: bool, samples: Optional[int] = None) -> None:
+        """IN_MICRO_STEP -> ACCUMULATING: the micro-step's gradient is in, counted with ``n`` items
+        (``samples``: how many samples it held, when known)."""
         self.to("end_micro", WindowState.ACCUMULATING)
         self.micro += 1
         self.items += n
+        if samples is None:
+            self.samples_known = False
+        else:
+            self.samples += samples
         self.items_mode |= items_mode
         self.last_synced = synced
 
@@ -114,6 +121,7 @@ class Window:
         self.micro = 0
         self.items = 0.0
         self.items_mode = False
+        self.samples, self.samples_known = 0, True
         self.loss_sum = None
 
     def loaded(self) -> None:
@@ -154,6 +162,13 @@ class Window:
 
     def mean_loss(self) -> Optional[float]:
         return float(self.loss_sum) / self.items if self.loss_sum is not None and self.items > 0 else None
+
+    def overfilled(self) -> Optional[str]:
+        """At a full window's end: how its samples differ from the plan's window, if they do."""
+        window = self.plan_window()
+        if window is None or not self.samples_known or self.micro != len(window) or self.samples == sum(window):
+            return None
+        return f"{self.samples} samples where the plan's window ({' + '.join(map(str, window))}) holds {sum(window)}"
 
     def describe(self) -> str:
         """The one way a window is written in messages: 'micro-step 2 of 4 (accumulating)'."""

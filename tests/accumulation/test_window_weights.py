@@ -44,12 +44,49 @@ def test_plan_loader_feeds_the_uneven_window_and_a_wrong_loader_is_named():
     assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-14
     acc.close()
 
-    model = mlp()
-    acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan=plan)
-    with pytest.warns(RuntimeWarning, match=r"fed a micro-batch of 52 samples where the plan's window .* has 51.*plan.loader"):
-        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=plan.micro_batch_size):
+    for items in (False, True):  # with num_items too: the window's samples are counted apart from its items
+        model = mlp()
+        acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan=plan)
+        with pytest.warns(RuntimeWarning, match=r"held 260 samples where the plan's window \(52 \+ 51 .*\) holds "
+                                                r"256.*plan.loader"):
+            for xb, yb in DataLoader(TensorDataset(x, y), batch_size=plan.micro_batch_size):
+                with acc.accumulate():
+                    acc.backward(F.mse_loss(model(xb), yb), num_items=len(xb) if items else None)
+
+
+@pytest.mark.parametrize("plan_window", [None, [4, 4, 4]])
+def test_the_documented_loop_weighs_a_short_last_micro_batch_by_its_size(plan_window):
+    """README's loop, no num_items: 18 samples in windows of 4 + 4 + 4, the last window 4 + 2 (flushed)."""
+    x, y = regression_data(18)
+    ref, ours = mlp(), mlp()
+    large_batch_train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), [(x[:12], y[:12]), (x[12:], y[12:])])
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    if plan_window is None:
+        acc = gaccum.Accumulator(ours, opt, accum_steps=3)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    else:
+        plan = window_plan(plan_window)
+        acc = gaccum.Accumulator(ours, opt, plan=plan)
+        loader = plan.loader(TensorDataset(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every size is known and weighed
+        for xb, yb in loader:
             with acc.accumulate():
-                acc.backward(F.mse_loss(model(xb), yb))
+                acc.backward(F.mse_loss(ours(xb), yb))
+        assert acc.flush().stepped
+    # was 0.235 relative off the large batch of the last window's 6 samples
+    assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-12
+
+
+def test_a_size_gaccum_cannot_see_is_said_at_the_first_micro_step():
+    x, y = regression_data(8)
+    model = mlp()
+    acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2)
+    out = model(x)  # the forward ran before the block: gaccum never saw the batch
+    with pytest.warns(RuntimeWarning, match="could not tell how many samples"):
+        with acc.accumulate():
+            acc.backward(F.mse_loss(out, y))
+    assert acc.micro_in_window == 1
 
 
 def test_window_sampler_rejects_what_it_cannot_do():
