@@ -12,7 +12,7 @@ from .plan import Plan, PlanError, plan
 from .probe import ProbeResult
 from .schedule import AccumulationSchedule
 from .verify import VerifyReport, verify
-from .window_data import WindowBatchSampler, window_loader
+from .window_data import WindowBatchSampler, WindowStream, window_loader
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "WindowBatchSampler",
     "WindowMismatchError",
     "WindowState",
+    "WindowStream",
     "hook",
     "format_bytes",
     "num_optimizer_steps",
