@@ -7,12 +7,19 @@ returns new ``TrainingArguments`` (``return_plan=True``: and the plan) with ``pe
 largest size that fits *and divides* the per-device target when that loses little, else the plan's
 largest with a few samples more per step (said in ``plan.notes``). ``GaccumTrainerCallback`` records,
 per optimizer step, whether it was skipped for inf/NaN (Accelerate's ``step_was_skipped``) and the
-window's token count (with ``include_num_input_tokens_seen``).
+window's token count (with ``include_num_input_tokens_seen``; the arguments count non-padding tokens).
+
+The Trainer normalises a window's loss by ``num_items_in_batch``, which it counts on shifted labels only
+when the model's ``loss_type`` says its loss shifts them. A causal LM built from a config (GPT-2's
+``GPT2LMHeadModel``, ``loss_type`` None) is counted on unshifted labels, one token per sequence too
+many, and its gradient comes out 4-5% small: :func:`causal_lm_token_count` sets ``loss_type`` so the
+Trainer counts what the loss averages over; ``plan_training_arguments`` calls it and says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,6 +33,35 @@ def _length(example: Any) -> int:
         ids = example.get("input_ids", next(iter(example.values())))
         return len(ids)
     return len(example)
+
+
+def causal_lm_token_count(model: torch.nn.Module) -> bool:
+    """Make the Trainer count a causal LM's tokens on shifted labels; True when ``loss_type`` was set.
+
+    Only for a model whose loss is transformers' causal-LM loss (which shifts labels) and whose
+    ``loss_type`` is unset; encoder-decoder models and models with another loss are left alone.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    inner = model
+    if getattr(inner, "loss_type", "unset") is not None or getattr(getattr(inner, "config", None),
+                                                                     "is_encoder_decoder", False):
+        return False
+    try:
+        loss = inner.loss_function
+    except AttributeError:
+        return False
+    if loss is not LOSS_MAPPING["ForCausalLM"]:
+        return False
+    inner.loss_type = "ForCausalLM"
+    return True
+
+
+def _scan(train_dataset: Any, longest: int) -> list:
+    """The first ``longest`` examples: by index, or from a stream (nothing calls len() on a stream)."""
+    if hasattr(train_dataset, "__len__") and hasattr(train_dataset, "__getitem__"):
+        return [train_dataset[i] for i in range(min(len(train_dataset), longest))]
+    return list(itertools.islice(iter(train_dataset), longest))
 
 
 def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: Any,
@@ -43,13 +79,13 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise ImportError("gaccum.integrations.transformers needs transformers: pip install gaccum[integrations]") from exc
     collate = data_collator or default_data_collator
-    n = len(train_dataset)
-    scanned = range(min(n, longest))
-    order = sorted(scanned, key=lambda i: _length(train_dataset[i]), reverse=True)
+    examples = sorted(_scan(train_dataset, longest), key=_length, reverse=True)
+    if not examples:
+        raise ValueError("gaccum: the training dataset is empty; nothing to plan with")
     device = next(model.parameters()).device
 
     def sample(b: int) -> Any:
-        items = [train_dataset[order[i % len(order)]] for i in range(b)]
+        items = [examples[i % len(examples)] for i in range(b)]
         batch = collate(items)
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -60,7 +96,13 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
     p = make_plan(model, target_bs=target_bs, sample=sample, loss_fn=loss_fn, amp=amp, memory_limit=memory_limit,
                   headroom=headroom, **plan_kwargs)
     micro, steps = fixed_size_window(p, "the Trainer")
-    new = dataclasses.replace(args, per_device_train_batch_size=micro, gradient_accumulation_steps=steps)
+    if causal_lm_token_count(model):
+        p.notes.append("the model's loss_type was unset: set to 'ForCausalLM' so the Trainer counts "
+                       "num_items_in_batch on shifted labels (one token per sequence fewer)")
+    changes: dict[str, Any] = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": steps}
+    if getattr(args, "include_num_input_tokens_seen", "no") in (True, "all"):
+        changes["include_num_input_tokens_seen"] = "non_padding"  # GaccumTrainerCallback reports real tokens
+    new = dataclasses.replace(args, **changes)
     return (new, p) if return_plan else new
 
 
