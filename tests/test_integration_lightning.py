@@ -73,3 +73,47 @@ def test_a_module_without_the_batch_size_attribute_is_named(tmp_path):
                         enable_model_summary=False, default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="sets `batch_size`"):
         trainer.fit(module)
+
+
+def _trainer(tmp_path, planner, max_steps=1):
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=[planner], logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+
+
+def test_a_dataset_smaller_than_the_target_is_planned_for_what_it_holds(tmp_path):
+    module = Module()
+    module.data = TensorDataset(module.data.tensors[0][:48], module.data.tensors[1][:48])
+    planner = GaccumPlanner(256, memory_limit="64MiB", headroom=0, cache=False)
+    trainer = _trainer(tmp_path, planner)
+    trainer.fit(module)  # was: an error about sample(), a function the user never wrote
+    assert planner.plan.effective_batch_size == 48 and any("48 samples" in n for n in planner.plan.notes)
+    assert module.batch_size * trainer.accumulate_grad_batches == 48
+
+
+def test_a_dataloader_passed_to_fit_is_refused_with_the_way_out(tmp_path):
+    module = Module()
+    loader = DataLoader(module.data, batch_size=32)
+    with pytest.raises(ValueError, match="given its dataloader directly"):
+        _trainer(tmp_path, GaccumPlanner(64, memory_limit="64MiB", cache=False)).fit(module, train_dataloaders=loader)
+
+
+class WithLambdaLR(Module):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)}
+
+
+def test_the_lr_rule_rescales_a_schedulers_base_lrs_too(tmp_path):
+    module = WithLambdaLR()
+    planner = GaccumPlanner(256, memory_limit="64MiB", headroom=0, lr_rule="linear", base_bs=64, cache=False)
+    trainer = _trainer(tmp_path, planner, max_steps=3)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *_):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer.callbacks.append(Record())
+    trainer.fit(module)
+    # was [0.4, 0.1, 0.1, ...]: the LambdaLR recomputed the LR from its unscaled base_lrs
+    assert lrs and all(lr == pytest.approx(0.4) for lr in lrs)

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..plan import Plan, plan as make_plan
+from ..schedule import rescale_lr
 from ._common import fixed_size_window
 
 try:
@@ -60,15 +61,16 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
         self.plan: Optional[Plan] = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
+        from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
         from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-        if not lightning_hasattr(pl_module, self.batch_arg_name):
-            raise ValueError(f"gaccum: GaccumPlanner sets `{self.batch_arg_name}` on the module or datamodule, and "
-                             "neither has it; add it and read it in train_dataloader()")
+        _check_loaders(trainer, pl_module, self.batch_arg_name)
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
         loader = source.train_dataloader()
         device = pl_module.device
+        target, size = self.target_bs, _dataset_size(loader.dataset)
+        if size is not None and size < target:
+            target = size  # as Lightning's finder: nothing larger than the data can be a batch
 
         def sample(b: int) -> Any:
             batch = next(iter(torch.utils.data.DataLoader(loader.dataset, batch_size=b, collate_fn=loader.collate_fn)))
@@ -81,16 +83,47 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         before = lightning_getattr(pl_module, self.batch_arg_name)
         with _quiet_logging(pl_module):
-            p = make_plan(pl_module, target_bs=self.target_bs, sample=sample, loss_fn=loss_fn, optimizer=optimizer,
+            p = make_plan(pl_module, target_bs=target, sample=sample, loss_fn=loss_fn, optimizer=optimizer,
                           memory_limit=self.memory_limit, headroom=self.headroom, **self.plan_kwargs)
+        if target < self.target_bs:
+            p.notes.append(f"the dataset holds {target} samples, fewer than target_bs={self.target_bs}: planned "
+                           f"for {target}")
         micro, steps = fixed_size_window(p, "Lightning")
         lightning_setattr(pl_module, self.batch_arg_name, micro)
         trainer.accumulate_grad_batches = steps
         if self.lr_rule is not None and optimizer is not None:
-            base = self.base_bs or before
-            factor = p.scale_lr(1.0, base, self.lr_rule) if base else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] *= factor
-            p.notes.append(f"learning rate x {factor:.4g} ({self.lr_rule} rule from a batch of {base})")
+            self._scale_lr(trainer, optimizer, p, self.base_bs or before)
         self.plan = p
         rank_zero_info(f"{p}\ngaccum: {self.batch_arg_name}={micro}, accumulate_grad_batches={steps}")
+
+    def _scale_lr(self, trainer: Any, optimizer: Any, p: Plan, base: Optional[int]) -> None:
+        """The LR by rule, everywhere torch keeps it: the param groups and each scheduler's base_lrs."""
+        factor = p.scale_lr(1.0, base, self.lr_rule) if base else 1.0
+        schedulers = [c.scheduler for c in getattr(trainer, "lr_scheduler_configs", [])
+                      if getattr(c.scheduler, "optimizer", None) is optimizer]
+        rescale_lr(optimizer, schedulers[0] if schedulers else None, factor)
+        for extra in schedulers[1:]:
+            extra.base_lrs = [lr * factor for lr in extra.base_lrs]
+        p.notes.append(f"learning rate x {factor:.4g} ({self.lr_rule} rule from a batch of {base})")
+
+
+def _dataset_size(dataset: Any) -> Optional[int]:
+    try:
+        return len(dataset)
+    except TypeError:  # a stream: its length is unknown
+        return None
+
+
+def _check_loaders(trainer: Any, pl_module: Any, name: str) -> None:
+    from lightning.pytorch.utilities.parsing import lightning_hasattr
+
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    if source is not None and not source.is_module():  # Lightning's own test, as its BatchSizeFinder makes it
+        raise ValueError(
+            "gaccum: GaccumPlanner sets the batch size the module or datamodule's train_dataloader() reads, but "
+            "this fit() was given its dataloader directly, which would keep training at its own batch size. "
+            f"Build the loader in train_dataloader() from self.{name} (or a LightningDataModule), or leave "
+            "GaccumPlanner out")
+    if not lightning_hasattr(pl_module, name):
+        raise ValueError(f"gaccum: GaccumPlanner sets `{name}` on the module or datamodule, and "
+                         "neither has it; add it and read it in train_dataloader()")
