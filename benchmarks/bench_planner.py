@@ -38,8 +38,8 @@ from common import environment, write  # noqa: E402
 
 import gaccum  # noqa: E402
 from gaccum.accumulation import MemoryBudget  # noqa: E402
-from gaccum.probe import ProbeResult  # noqa: E402
-from gaccum.search import search  # noqa: E402
+from gaccum.planner.probe import ProbeResult  # noqa: E402
+from gaccum.planner.search import search  # noqa: E402
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore")

@@ -8,13 +8,12 @@ from .accumulation import (AccumulationHook, Accumulator, StateError, StepResult
 from .lr import num_optimizer_steps, scale_lr
 from .memory import format_bytes, parse_bytes
 from .ops import unscale_check_accumulate_
-from .plan import Plan, PlanError, plan
-from .probe import ProbeResult
+from .planner import Plan, PlanError, ProbeResult, plan
 from .schedule import AccumulationSchedule
 from .verify import VerifyReport, verify
 from .window_data import WindowBatchSampler, WindowStream, window_loader
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "Accumulator",

@@ -66,7 +66,7 @@ def _headroom(text: str) -> Any:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from .planner import plan
 
     factory = load_factory(args.factory)
     model, sample, loss_fn, opt = _unpack(factory())
@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(pd)
     pd.set_defaults(fn=run_demo)
     args = parser.parse_args(argv)
-    from .plan import PlanError
+    from .planner import PlanError
 
     try:
         return int(args.fn(args) or 0)

@@ -100,7 +100,7 @@ def check_plan(plan: Any) -> Any:
     if hasattr(plan, "accum_steps") and hasattr(plan, "window"):
         return plan
     if isinstance(plan, dict):
-        from ..plan import Plan  # the planner imports this package's checks: resolved at call time
+        from ..planner import Plan  # the planner imports this package's checks: resolved at call time
 
         try:
             return Plan.from_dict(plan)

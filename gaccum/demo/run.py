@@ -18,7 +18,7 @@ from ..accumulation import Accumulator
 from ..lr import scale_lr
 from ..memory import format_bytes
 from ..metrics import MetricsLogger
-from ..plan import plan as make_plan
+from ..planner import plan as make_plan
 from ..verify import verify
 from .model import Sampler, TinyGPT, lm_loss, load_corpus
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..plan import Plan, plan as make_plan
+from ..planner import Plan, plan as make_plan
 from ..schedule import rescale_lr
 from ._common import fixed_size_window
 

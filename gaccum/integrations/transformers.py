@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..plan import plan as make_plan
+from ..planner import plan as make_plan
 from ._common import fixed_size_window
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import gaccum
 from helpers import free_port, largest_under, steady_state_peak
-from gaccum.probe import ProbeResult
-from gaccum.search import balanced_window, search
+from gaccum.planner.probe import ProbeResult
+from gaccum.planner.search import balanced_window, search
 
 
 @pytest.fixture(autouse=True)

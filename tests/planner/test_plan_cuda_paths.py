@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaccum
-from gaccum import probe as probe_mod
+from gaccum.planner import probe as probe_mod
 from gaccum.accumulation import is_oom
 
-plan_mod = importlib.import_module("gaccum.plan")
+plan_mod = importlib.import_module("gaccum.planner.plan")
 
 
 @pytest.fixture(autouse=True)

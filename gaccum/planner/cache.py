@@ -20,10 +20,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .._ext import cache_dir
+from .._version import __version__
+
 
 def cache_path() -> Path:
-    from ._ext import cache_dir
-
     return cache_dir() / "plans.json"
 
 
@@ -42,8 +43,6 @@ def checkpointing(model: nn.Module) -> Any:
 
 
 def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, **settings: Any) -> str:
-    from . import __version__
-
     params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
     blob = json.dumps([repr(model), params, checkpointing(model), type(optimizer).__name__,
                        {k: repr(v) for k, v in optimizer.defaults.items()}, sorted(settings.items()),

@@ -30,12 +30,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .accounting import AllocatorEvents, LiveBytes
-from ._fsdp import fsdp_root, gradient_sync
-from .accumulation import is_oom
-from .batch import batch_devices, batch_size
-from .accumulation import HALF, flat_masters, trained_params
-from .ops import unscale_check_accumulate_
+from ..accounting import AllocatorEvents, LiveBytes
+from .._fsdp import fsdp_root, gradient_sync
+from ..accumulation import is_oom
+from ..batch import batch_devices, batch_size
+from ..accumulation import HALF, flat_masters, trained_params
+from ..ops import unscale_check_accumulate_
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import plan_cache
-from ._checks import is_int
-from ._dist import all_reduce_scalars, world_size
-from .accounting import LiveBytes
-from .accumulation import is_oom
-from .batch import batch_tensors
-from .lr import scale_lr as _scale_lr
-from .memory import format_bytes, parse_bytes, parse_headroom
+from . import cache as plan_cache
+from .._checks import is_int
+from .._dist import all_reduce_scalars, world_size
+from ..accounting import LiveBytes
+from ..accumulation import is_oom
+from ..batch import batch_tensors
+from ..lr import scale_lr as _scale_lr
+from ..memory import format_bytes, parse_bytes, parse_headroom
 from .probe import AMP_DTYPES, ProbeResult, Rig, Snapshot, optimizer_like, probe_cuda, probe_tracked
-from .accumulation import resolve_master_grads, trained_params
+from ..accumulation import resolve_master_grads, trained_params
 from .search import balanced_window, height, search
 
 # What a fake-tensor estimate cannot see on a real GPU: the CUDA context (outside
@@ -84,7 +84,7 @@ class Plan:
         micro-batches and overfill an uneven window. Keyword arguments go to
         the DataLoader (``shuffle``, ``sampler``, ``drop_last``, ``num_workers``, ...).
         """
-        from .window_data import window_loader
+        from ..window_data import window_loader
 
         return window_loader(dataset, self.window, **kwargs)
 
