@@ -31,7 +31,8 @@ from .view import reads_core
 
 def batch_norm_layers(model: nn.Module) -> list[str]:
     """Names of layers whose forward depends on the micro-batch's statistics."""
-    return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [f"{name} ({type(m).__name__})" if name else type(m).__name__
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _resolve_plan(plan: Any, accum_steps: Any, master_grads: bool | str) -> tuple[Any, Optional[list[int]], Any]:

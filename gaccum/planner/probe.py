@@ -278,6 +278,13 @@ def _check_batch(batch: Any, b: int, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- probes
+def cuda_peak(device: torch.device, sync: bool = True) -> int:
+    """The one reading of a step's peak on CUDA: what the caching allocator reserved or allocated at most."""
+    if sync:
+        torch.cuda.synchronize(device)
+    return max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
+
+
 def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> ProbeResult:
     """Two micro-steps and the optimizer step, with no cache emptied between them, so fragmentation shows."""
     device = rig.device
@@ -291,7 +298,7 @@ def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> Prob
         if name == "forward":
             phases["static"] = torch.cuda.memory_allocated(device)
         else:
-            phases["act"] = max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
+            phases["act"] = cuda_peak(device, sync=False)
 
     t0 = time.perf_counter()
     oom = False
@@ -303,7 +310,7 @@ def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> Prob
             raise
         oom = True
     seconds = time.perf_counter() - t0
-    peak = None if oom else max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
+    peak = None if oom else cuda_peak(device, sync=False)
     if oom:
         gc.collect()  # the failed step's frames hold tensors until collected
         rig.settle()

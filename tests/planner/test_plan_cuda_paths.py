@@ -19,7 +19,7 @@ import gaccum
 from gaccum.planner import probe as probe_mod
 from gaccum.accumulation import is_oom
 
-plan_mod = importlib.import_module("gaccum.planner.plan")
+budget_mod = importlib.import_module("gaccum.planner.budget")
 
 
 @pytest.fixture(autouse=True)
@@ -107,14 +107,14 @@ def test_explicit_limit_keeps_memory_outside_the_allocator_out_and_warms_the_col
     FakeCuda(monkeypatch, log)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: log.append("mem_get_info") or (30 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 40 << 30)
-    monkeypatch.setattr(plan_mod, "world_size", lambda: 2)
-    monkeypatch.setattr(plan_mod, "all_reduce_scalars", lambda v, d, op=None: log.append("all_reduce") or list(v))
+    monkeypatch.setattr(budget_mod, "world_size", lambda: 2)
+    monkeypatch.setattr(budget_mod, "all_reduce_scalars", lambda v, d, op=None: log.append("all_reduce") or list(v))
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    limit, outside, note = plan_mod._cuda_limit(torch.device("cuda", 0), "20GiB")
+    limit, outside, note = budget_mod.cuda_limit(torch.device("cuda", 0), "20GiB")
     assert limit == 20 << 30 and outside == 10 << 30  # 80 - 30 free = 50 used, 40 of it torch's
     assert log.index("all_reduce") < log.index("mem_get_info")
     assert "expandable" in note
-    limit, outside, _ = plan_mod._cuda_limit(torch.device("cuda", 0), None)
+    limit, outside, _ = budget_mod.cuda_limit(torch.device("cuda", 0), None)
     assert limit == (30 << 30) + (40 << 30) and outside == 0  # what is free plus what torch holds
 
 

@@ -1,0 +1,48 @@
+"""The planner's edges: nothing fits, messages that say the right thing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gaccum
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 4)).to(dtype)
+
+
+def _sample(dtype=torch.float32):
+    return lambda b: (torch.randn(b, 32, dtype=dtype), torch.randint(0, 4, (b,)))
+
+
+def _ce(m, b):
+    return F.cross_entropy(m(b[0]).float(), b[1])
+
+
+def test_out_of_memory_at_batch_one_in_the_warm_up_is_a_plan_error_with_advice():
+    def loss(m, b):  # what a GPU does when even one sample does not fit: the allocator raises
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(gaccum.PlanError, match="even a micro-batch of 1 does not fit.*activation checkpointing"):
+        gaccum.plan(model, 64, _sample(), loss, memory_limit="64MiB", cache=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # and left as it was
+
+
+def test_a_bf16_model_is_not_advised_to_try_bf16_and_an_estimate_shows_its_allowance():
+    model = _mlp(torch.bfloat16)
+    with pytest.raises(gaccum.PlanError) as info:
+        gaccum.plan(model, 64, _sample(torch.bfloat16), _ce, memory_limit=4096, headroom=0, cache=False)
+    assert "bf16 (" not in str(info.value) and "activation checkpointing" in str(info.value)
+    with pytest.raises(gaccum.PlanError) as info:
+        gaccum.plan(_mlp(), 64, _sample(), _ce, device="meta", memory_limit=32768, headroom=0, cache=False)
+    assert "kept for what an estimate cannot see" in str(info.value)  # the arithmetic adds up
+
+
+def test_the_batchnorm_warning_names_the_layer_by_its_path():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4)))
+    with pytest.warns(UserWarning, match=r"1\.0 \(BatchNorm2d\)"):
+        gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2).close()
