@@ -19,8 +19,25 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data import default_collate
 
 from . import _dist
+from .planner.window import Window
 
 from ._checks import is_int
+
+
+def _checked(window: Any) -> Window:
+    try:
+        w = Window.of(window)
+    except TypeError:
+        w = None
+    if w is None or not w.runs or not all(is_int(s) and s > 0 for s, _ in w.runs):
+        raise ValueError(f"gaccum: window must be a non-empty list of sizes > 0, got {window!r}")
+    return w
+
+
+def _cycle(window: Window) -> Iterator[int]:
+    """The window's sizes again and again, kept as runs (itertools.cycle would store every size)."""
+    while True:
+        yield from window
 
 
 class WindowBatchSampler(Sampler[list[int]]):
@@ -31,13 +48,11 @@ class WindowBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, sampler: Sampler[int] | Sequence[int], window: Sequence[int], drop_last: bool = False) -> None:
-        if not window or not all(is_int(w) and w > 0 for w in window):
-            raise ValueError(f"gaccum: window must be a non-empty list of sizes > 0, got {window!r}")
-        self.sampler, self.window, self.drop_last = sampler, list(window), drop_last
+        self.sampler, self.window, self.drop_last = sampler, _checked(window), drop_last
 
     def __iter__(self) -> Iterator[list[int]]:
         it = iter(self.sampler)
-        for size in itertools.cycle(self.window):
+        for size in _cycle(self.window):
             batch = list(itertools.islice(it, size))
             if not batch or (len(batch) < size and self.drop_last):
                 return
@@ -45,7 +60,7 @@ class WindowBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         n, count = len(self.sampler), 0  # type: ignore[arg-type]
-        for size in itertools.cycle(self.window):
+        for size in _cycle(self.window):
             if n <= 0 or (n < size and self.drop_last):
                 return count
             n -= size
@@ -89,14 +104,13 @@ class WindowStream:
 
     def __init__(self, dataset: IterableDataset, window: Sequence[int], *, drop_last: bool = False,
                  shard: bool | tuple[int, int] = False, collate_fn: Any = None, **loader_kwargs: Any) -> None:
-        if not window or not all(is_int(w) and w > 0 for w in window):
-            raise ValueError(f"gaccum: window must be a non-empty list of sizes > 0, got {window!r}")
+        window = _checked(window)
         if shard is True:
             shard = (_dist.rank(), _dist.world_size())
         if shard is not False and not (isinstance(shard, tuple) and len(shard) == 2 and all(map(is_int, shard))
                                        and 0 <= shard[0] < shard[1]):
             raise ValueError(f"gaccum: shard must be True, False or (rank, world_size), got {shard!r}")
-        self.dataset, self.window, self.drop_last = dataset, list(window), drop_last
+        self.dataset, self.window, self.drop_last = dataset, window, drop_last
         self.shard = shard or None
         self.collate_fn = collate_fn or default_collate
         self.loader_kwargs = loader_kwargs
@@ -110,7 +124,7 @@ class WindowStream:
 
     def __iter__(self) -> Iterator[Any]:
         samples = self._samples()
-        for size in itertools.cycle(self.window):
+        for size in _cycle(self.window):
             batch = list(itertools.islice(samples, size))
             if not batch or (len(batch) < size and self.drop_last):
                 return

@@ -35,7 +35,7 @@ def batch_norm_layers(model: nn.Module) -> list[str]:
             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _resolve_plan(plan: Any, accum_steps: Any, master_grads: bool | str) -> tuple[Any, Optional[list[int]], Any]:
+def _resolve_plan(plan: Any, accum_steps: Any, master_grads: bool | str) -> tuple[Any, Any, Any]:
     """(accum_steps, the plan's window, master_grads): a plan fills in what the caller left out."""
     plan = check_plan(plan)
     schedule = as_schedule(accum_steps)
@@ -59,7 +59,7 @@ def _resolve_plan(plan: Any, accum_steps: Any, master_grads: bool | str) -> tupl
         raise ValueError(f"gaccum: master_grads={master_grads} disagrees with the plan, which was measured with "
                          f"master_grads={planned}; plan again with master_grads={master_grads}, or leave "
                          "master_grads unset")
-    return accum_steps, list(plan.window), master_grads
+    return accum_steps, plan.window, master_grads
 
 
 class _SizeProbe:

@@ -27,7 +27,7 @@ just a window with a smaller T, so ``flush()`` needs no special case.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -76,7 +76,7 @@ class Window:
         self.loss_sum: Optional[torch.Tensor] = None  # sum of n_i x loss_i, on the device (no sync per micro-step)
         self.ref_total: Optional[float] = None  # R, fixed while accum_steps stays
         self.fixed_ref = False  # the hook sums raw gradients: R = 1 for good
-        self.plan: Optional[list[int]] = None  # a plan's (possibly uneven) micro-batch sizes
+        self.plan: Optional[Sequence[int]] = None  # a plan's (possibly uneven) micro-batch sizes
         self.last_synced = False  # the last backward let DDP reduce
 
     # -- transitions -----------------------------------------------------------
@@ -140,7 +140,7 @@ class Window:
     def next_is_last(self) -> bool:
         return self.micro + 1 >= self.accum_steps
 
-    def plan_window(self) -> Optional[list[int]]:
+    def plan_window(self) -> Optional[Sequence[int]]:
         """The plan's window, while the schedule keeps the plan's number of micro-steps."""
         if self.plan is not None and len(self.plan) == self.accum_steps:
             return self.plan
@@ -153,7 +153,7 @@ class Window:
 
     def expected_total(self, n0: float) -> float:
         window = self.plan_window()
-        return float(sum(window)) if window is not None else n0 * self.accum_steps
+        return float(window_total(window)) if window is not None else n0 * self.accum_steps
 
     def add_loss(self, loss: torch.Tensor, n: float) -> None:
         # kept in the model's precision (float64 stays float64), half precision upcast
@@ -166,13 +166,19 @@ class Window:
     def overfilled(self) -> Optional[str]:
         """At a full window's end: how its samples differ from the plan's window, if they do."""
         window = self.plan_window()
-        if window is None or not self.samples_known or self.micro != len(window) or self.samples == sum(window):
+        if window is None or not self.samples_known or self.micro != len(window) or self.samples == window_total(window):
             return None
-        return f"{self.samples} samples where the plan's window ({' + '.join(map(str, window))}) holds {sum(window)}"
+        return f"{self.samples} samples where the plan's window ({window}) holds {window_total(window)}"
 
     def describe(self) -> str:
         """The one way a window is written in messages: 'micro-step 2 of 4 (accumulating)'."""
         return f"micro-step {self.micro} of {self.accum_steps} ({self.state.value})"
+
+
+def window_total(window: Sequence[int]) -> int:
+    """A plan's window total without iterating a long one (a planner Window knows it)."""
+    total = getattr(window, "total", None)
+    return int(total) if total is not None else sum(window)
 
 
 def state_message(state: WindowState, action: str) -> str:

@@ -19,6 +19,7 @@ from ..lr import scale_lr
 from ..memory import format_bytes
 from ..metrics import MetricsLogger
 from ..planner import plan as make_plan
+from ..planner.window import Window
 from ..verify import verify
 from .model import Sampler, TinyGPT, lm_loss, load_corpus
 
@@ -85,9 +86,9 @@ def _train(model, opt, sampler, micro_sizes: list[int], steps: int, accumulator_
     return out
 
 
-def window_text(window: list[int]) -> str:
-    """A window as it is: "5 x 52" when even, "52 + 51 + 51 + 51 + 51" when not."""
-    return f"{len(window)} x {window[0]}" if len(set(window)) == 1 else " + ".join(map(str, window))
+def window_text(window: Any) -> str:
+    """A window written the one way windows are written: "5 x 52", "1 x 52 + 4 x 51"."""
+    return str(Window.of(window))
 
 
 def _one_large_batch(model, sampler, window: list[int], steps: int, lr: float,

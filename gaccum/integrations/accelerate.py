@@ -30,9 +30,9 @@ def accelerator_from_plan(plan: Any, dataset: Any, *, shuffle: bool = False,
     kwargs = dict(accelerator_kwargs or {})
     if "gradient_accumulation_steps" in kwargs or "gradient_accumulation_plugin" in kwargs:
         raise TypeError("gaccum: the plan sets gradient_accumulation_steps; leave it out of accelerator_kwargs")
-    if len(set(plan.window)) > 1:
+    if len(plan.window.runs) > 1:
         warn_user(
-            f"gaccum: the plan's window is uneven ({' + '.join(map(str, plan.window))}); Accelerate divides every "
+            f"gaccum: the plan's window is uneven ({plan.window}); Accelerate divides every "
             "micro-batch's loss by the number of steps, so samples of the short micro-batches weigh slightly more. "
             "For the exact mean, train the prepared model with gaccum.Accumulator(model, optimizer, plan=plan)",
             UserWarning,

@@ -66,5 +66,5 @@ def store(key: str, plan_dict: dict[str, Any]) -> None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass  # a cache that cannot be written only costs probes next time
+    except Exception:  # noqa: BLE001 - a cache that cannot be written (full disk, no memory) costs probes next
+        pass  # time, never the plan

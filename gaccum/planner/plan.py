@@ -32,7 +32,8 @@ from . import cache as plan_cache
 from .probe import (AMP_DTYPES, ProbeResult, Rig, Snapshot, cuda_peak, optimizer_like, probe_cuda,
                     probe_tracked)
 from .result import Plan, PlanError, does_not_fit
-from .search import balanced_window, height, search
+from .search import height, search
+from .window import Window, balanced_window
 
 __all__ = ["Plan", "PlanError", "plan"]
 
@@ -236,7 +237,7 @@ class _Session:
                                          req.use_masters, req.model, self.bud.allowance))
         return best, probes
 
-    def window(self, best: int, probes: list[ProbeResult]) -> tuple[list[int], int, dict[int, float]]:
+    def window(self, best: int, probes: list[ProbeResult]) -> tuple[Window, int, dict[int, float]]:
         """The objective's size, the balanced window that reaches the target, and the soak."""
         req, chosen = self.req, best
         throughput: dict[int, float] = {}
@@ -252,20 +253,20 @@ class _Session:
         if req.soak and not req.estimate:
             window, best = _soak(self.rig, req.sample, req.loss_fn, req.soak, window, req.per_rank, req.uneven,
                                  self.bud.budget, self.start, self.snapshot, self.notes, req.device)
-        if max(window) < chosen:
-            self.notes.append(f"balanced window: {len(window)} micro-batches of <= {max(window)} reach "
+        if window.largest < chosen:
+            self.notes.append(f"balanced window: {len(window)} micro-batches of <= {window.largest} reach "
                               f"{req.per_rank} exactly")
         return window, best, throughput
 
 
-def _report(req: _Request, bud: budget_phase.Budget, window: list[int], best: int, probes: list[ProbeResult],
+def _report(req: _Request, bud: budget_phase.Budget, window: Window, best: int, probes: list[ProbeResult],
             throughput: dict[int, float], notes: list[str]) -> Plan:
-    peak, interpolated = _peak_at(max(window), probes)
+    peak, interpolated = _peak_at(window.largest, probes)
     if req.estimate:
         notes.insert(0, "estimate from fake tensors: the CUDA context, cuBLAS/cuDNN workspaces and allocator "
                         f"segments are not seen; {format_bytes(bud.allowance)} of the limit is reserved for them")
     return Plan(
-        micro_batch_size=max(window), accum_steps=len(window), effective_batch_size=sum(window) * req.world,
+        micro_batch_size=window.largest, accum_steps=len(window), effective_batch_size=window.total * req.world,
         window=window, target_bs=req.target_bs, world_size=req.world, peak_memory=peak, memory_limit=bud.limit,
         headroom=bud.headroom, device=bud.device_name, amp=req.amp, probes=probes, max_micro_batch=best,
         estimate=req.estimate, allowance=bud.allowance, seconds=0.0, objective=req.objective, throughput=throughput,
@@ -357,10 +358,10 @@ def _samples_per_second(rig: Rig, sample, loss_fn, b: int, snapshot: Snapshot, r
     return b * reps / elapsed if elapsed > 0 else 0.0
 
 
-def _soak(rig: Rig, sample, loss_fn, n: int, window: list[int], per_rank: int, uneven: bool, budget: int,
-          start: int, snapshot: Snapshot, notes: list[str], device: torch.device) -> tuple[list[int], int]:
+def _soak(rig: Rig, sample, loss_fn, n: int, window: Window, per_rank: int, uneven: bool, budget: int,
+          start: int, snapshot: Snapshot, notes: list[str], device: torch.device) -> tuple[Window, int]:
     """Train ``n`` micro-steps at the window's largest size; step down until they stay under the budget."""
-    size = max(window)
+    size = window.largest
     for _ in range(8):
         ok = True
         try:
@@ -389,5 +390,5 @@ def _soak(rig: Rig, sample, loss_fn, n: int, window: list[int], per_rank: int, u
         notes.append(f"soak: {n} micro-steps at {size} did not fit; stepped down to {new}")
         size = new
         window = balanced_window(per_rank, size, uneven=uneven)
-        size = max(window)
+        size = window.largest
     raise PlanError("gaccum: the soak kept running out of memory; plan with more headroom")

@@ -10,6 +10,7 @@ import torch
 from ..lr import scale_lr as _scale_lr
 from ..memory import format_bytes
 from .probe import ProbeResult
+from .window import Window
 
 
 class PlanError(RuntimeError):
@@ -21,7 +22,7 @@ class Plan:
     micro_batch_size: int
     accum_steps: int
     effective_batch_size: int
-    window: list[int]
+    window: Window  # micro-batch sizes as (size, count) runs; behaves as the list of sizes
     target_bs: int
     world_size: int
     peak_memory: Optional[int]
@@ -63,9 +64,13 @@ class Plan:
         """LR for this plan's effective batch, given one tuned at ``base_bs``."""
         return _scale_lr(base_lr, base_bs, self.effective_batch_size, rule)
 
+    def __post_init__(self) -> None:
+        self.window = Window.of(self.window)  # a list of sizes, saved runs, or a Window
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "budget": self.budget, "seconds": round(self.seconds, 4),
-                "throughput": {str(k): v for k, v in self.throughput.items()}}
+        """JSON-ready; the window as its ``[[size, count], ...]`` runs."""
+        return {**asdict(self), "window": self.window.to_json(), "budget": self.budget,
+                "seconds": round(self.seconds, 4), "throughput": {str(k): v for k, v in self.throughput.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
@@ -81,7 +86,7 @@ class Plan:
             ("micro-batch size", f"{self.micro_batch_size}" + (f" per rank x {self.world_size} ranks" if self.world_size > 1 else "")),
             ("accumulation steps", str(self.accum_steps)),
             ("effective batch", f"{self.effective_batch_size} (target {self.target_bs})"),
-            ("window", " + ".join(map(str, self.window)) if len(set(self.window)) > 1 else f"{self.accum_steps} x {self.window[0]}"),
+            ("window", str(self.window)),
             ("largest that fits", str(self.max_micro_batch)),
             (f"peak at {self.micro_batch_size}", format_bytes(self.peak_memory)
              + (" (between two probes)" if self.peak_interpolated else "")),

@@ -166,12 +166,3 @@ def _estimate(results: dict[int, ProbeResult], budget: int, flat: Optional[int],
             # line, so it gives a lower bound on the answer.
             return _line_estimate([(lo, results[lo].peak), pts[0]], budget)
     return min(ests) if ests else None
-
-
-def balanced_window(per_rank_target: int, max_micro: int, uneven: bool = False) -> list[int]:
-    """Micro-batch sizes of one window that reach the target exactly."""
-    steps = -(-per_rank_target // max_micro)
-    if uneven:
-        return [max_micro] * (steps - 1) + [per_rank_target - max_micro * (steps - 1)]
-    base, extra = divmod(per_rank_target, steps)
-    return [base + 1] * extra + [base] * (steps - extra)

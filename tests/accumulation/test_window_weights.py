@@ -47,7 +47,7 @@ def test_plan_loader_feeds_the_uneven_window_and_a_wrong_loader_is_named():
     for items in (False, True):  # with num_items too: the window's samples are counted apart from its items
         model = mlp()
         acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), plan=plan)
-        with pytest.warns(RuntimeWarning, match=r"held 260 samples where the plan's window \(52 \+ 51 .*\) holds "
+        with pytest.warns(RuntimeWarning, match=r"held 260 samples where the plan's window \(1 x 52 \+ 4 x 51\) holds "
                                                 r"256.*plan.loader"):
             for xb, yb in DataLoader(TensorDataset(x, y), batch_size=plan.micro_batch_size):
                 with acc.accumulate():

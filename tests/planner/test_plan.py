@@ -14,7 +14,8 @@ from torch import nn
 import gaccum
 from helpers import free_port, largest_under, steady_state_peak
 from gaccum.planner.probe import ProbeResult
-from gaccum.planner.search import balanced_window, search
+from gaccum.planner.search import search
+from gaccum.planner.window import balanced_window
 
 
 @pytest.fixture(autouse=True)

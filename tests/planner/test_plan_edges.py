@@ -46,3 +46,22 @@ def test_the_batchnorm_warning_names_the_layer_by_its_path():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4)))
     with pytest.warns(UserWarning, match=r"1\.0 \(BatchNorm2d\)"):
         gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2).close()
+
+
+def test_any_target_plans_in_bounded_memory_and_its_window_is_written_as_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("GACCUM_CACHE_DIR", str(tmp_path))
+    p = gaccum.plan(_mlp(), 10**15, _sample(), _ce, memory_limit="4MiB", headroom=0)  # was a MemoryError
+    assert p.effective_batch_size == 10**15 and p.window.total == 10**15 and len(p.window.runs) <= 2
+    assert len(p.window) == p.accum_steps and p.window[-1] <= p.window[0] == p.micro_batch_size
+    assert " x " in str(p).split("window", 1)[1].splitlines()[0]  # '1 x 4097 + ...', never a billion sizes
+    again = gaccum.Plan.from_dict(p.to_dict())
+    assert again.window == p.window and gaccum.plan(_mlp(), 10**15, _sample(), _ce, memory_limit="4MiB",
+                                                    headroom=0).cached
+
+
+def test_a_cache_that_cannot_be_written_never_loses_the_plan(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("GACCUM_CACHE_DIR", str(blocker / "cache"))  # a folder under a file: every write fails
+    p = gaccum.plan(_mlp(), 256, _sample(), _ce, memory_limit="4MiB", headroom=0)
+    assert p.effective_batch_size == 256 and not p.cached
