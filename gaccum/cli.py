@@ -26,10 +26,19 @@ def load_factory(spec: str) -> Any:
         sys.path.insert(0, str(path.parent.resolve()))
         mod_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # `gaccum plan mymod:make` finds mymod.py here, as python -m would
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"gaccum: cannot import {target!r} ({exc}); pass a module on the Python path or "
+                             f"a file, e.g. path/to/{target.replace('.', '/')}.py:{name}") from exc
     if not hasattr(module, name):
         raise ValueError(f"gaccum: {target} has no attribute {name!r}")
-    return getattr(module, name)
+    factory = getattr(module, name)
+    if not callable(factory):
+        raise ValueError(f"gaccum: {spec} is a {type(factory).__name__}, not a function; {FACTORY_RETURNS}")
+    return factory
 
 
 FACTORY_RETURNS = (
@@ -65,9 +74,22 @@ def _headroom(text: str) -> Any:
         return text
 
 
+def _device(text: Optional[str]) -> Optional[str]:
+    if text is None or text == "meta":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"gaccum: --device {text!r} is not a torch device; use cpu, cuda, cuda:N or meta") from exc
+    return text
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .planner import plan
 
+    args.device = _device(args.device)
     factory = load_factory(args.factory)
     model, sample, loss_fn, opt = _unpack(factory())
     p = plan(model, target_bs=args.target_bs, sample=sample, loss_fn=loss_fn, optimizer=opt, amp=args.amp,
@@ -106,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, TypeError, PlanError) as exc:
+    except (ValueError, TypeError, PlanError, OSError) as exc:  # the user's input: one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -390,3 +390,24 @@ def test_cli_plan_error_factory_shape_headroom_and_version(tmp_path):
     assert r.returncode == 2 and "fraction" in r.stderr
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"gaccum {gaccum.__version__}"
+
+
+def test_cli_user_errors_are_one_line_and_exit_2_from_the_console_script(tmp_path):
+    (tmp_path / "mymod.py").write_text(FACTORY + "\nnot_a_function = 5\n")
+    (tmp_path / "a-file").write_text("")
+    script = Path(sys.executable).parent / "gaccum"  # the installed command, as a user runs it
+    env = {**os.environ, "GACCUM_CACHE_DIR": str(tmp_path / "c")}
+
+    def cli(*args):
+        return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    r = cli("plan", "mymod:make", "--target-bs", "64", "--memory-limit", "2MiB")  # a module in the current folder
+    assert r.returncode == 0 and "gaccum plan" in r.stdout, r.stderr
+    for args, said in ((("plan", "nosuchmod:make"), "cannot import 'nosuchmod'"),
+                       (("plan", "mymod:not_a_function"), "mymod:not_a_function is a int, not a function"),
+                       (("plan", "mymod:make", "--device", "tpu"), "--device 'tpu' is not a torch device"),
+                       (("demo", "--out", str(tmp_path / "a-file" / "report"), "--steps", "1"), "error:")):
+        extra = () if args[0] == "demo" else ("--target-bs", "64", "--memory-limit", "2MiB")
+        r = cli(*args, *extra)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
