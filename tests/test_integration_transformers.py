@@ -122,3 +122,15 @@ def test_the_callback_counts_real_tokens_not_padding(tmp_path):
     transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
                          callbacks=[callback]).train()
     assert callback.records[0]["window_tokens"] == sum(len(d["input_ids"]) for d in data)
+
+
+def test_the_eval_batch_is_planned_apart_and_the_trainer_evaluates_with_it(tmp_path):
+    model, data = tiny_gpt2(), dataset()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1,
+                                          save_strategy="no")
+    new, plan = plan_training_arguments(model, args, data, collate, target_bs=64, memory_limit="6MiB", headroom=0,
+                                        cache=False, return_plan=True, eval_dataset=data)
+    assert new.per_device_eval_batch_size > new.per_device_train_batch_size  # forward only: more fits
+    assert any("eval batch" in n for n in plan.notes)
+    trainer = transformers.Trainer(model=model, args=new, train_dataset=data, eval_dataset=data, data_collator=collate)
+    assert "eval_loss" in trainer.evaluate()

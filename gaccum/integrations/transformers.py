@@ -67,9 +67,11 @@ def _scan(train_dataset: Any, longest: int) -> list:
 def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: Any,
                             data_collator: Optional[Callable[[list], Any]] = None, *, target_bs: int,
                             memory_limit: Optional[int | str] = None, headroom: float | int | str = 0.05,
-                            longest: int = 4096, return_plan: bool = False, **plan_kwargs: Any) -> Any:
+                            longest: int = 4096, return_plan: bool = False, eval_dataset: Any = None,
+                            **plan_kwargs: Any) -> Any:
     """``TrainingArguments`` with the batch size and accumulation from a plan (``args`` is untouched);
-    with ``return_plan=True``, ``(arguments, plan)``.
+    with ``return_plan=True``, ``(arguments, plan)``. With ``eval_dataset``, ``per_device_eval_batch_size``
+    comes from a plan of its own (``mode="eval"``: forward only), so evaluation never shrinks training.
 
     ``target_bs`` is the global batch (all devices). ``longest``: how many samples are scanned for
     the longest ones (the whole dataset when it is smaller).
@@ -79,15 +81,7 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise ImportError("gaccum.integrations.transformers needs transformers: pip install gaccum[integrations]") from exc
     collate = data_collator or default_data_collator
-    examples = sorted(_scan(train_dataset, longest), key=_length, reverse=True)
-    if not examples:
-        raise ValueError("gaccum: the training dataset is empty; nothing to plan with")
-    device = next(model.parameters()).device
-
-    def sample(b: int) -> Any:
-        items = [examples[i % len(examples)] for i in range(b)]
-        batch = collate(items)
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    sample = _longest_first(train_dataset, longest, collate, next(model.parameters()).device)
 
     def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         return m(**batch).loss
@@ -102,8 +96,27 @@ def plan_training_arguments(model: torch.nn.Module, args: Any, train_dataset: An
     changes: dict[str, Any] = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": steps}
     if getattr(args, "include_num_input_tokens_seen", "no") in (True, "all"):
         changes["include_num_input_tokens_seen"] = "non_padding"  # GaccumTrainerCallback reports real tokens
+    if eval_dataset is not None:
+        ev = make_plan(model, target_bs=target_bs, mode="eval", amp=amp, memory_limit=memory_limit, headroom=headroom,
+                       sample=_longest_first(eval_dataset, longest, collate, next(model.parameters()).device),
+                       loss_fn=lambda m, batch: m(**batch), **plan_kwargs)
+        changes["per_device_eval_batch_size"] = min(ev.max_micro_batch, target_bs // ev.world_size)
+        p.notes.append(f"eval batch {changes['per_device_eval_batch_size']} per device (forward only, planned apart)")
     new = dataclasses.replace(args, **changes)
     return (new, p) if return_plan else new
+
+
+def _longest_first(dataset: Any, longest: int, collate: Callable[[list], Any], device: torch.device) -> Callable:
+    """``sample(b)``: b of the dataset's longest examples (of the first ``longest``), collated, on the device."""
+    examples = sorted(_scan(dataset, longest), key=_length, reverse=True)
+    if not examples:
+        raise ValueError("gaccum: the dataset is empty; nothing to plan with")
+
+    def sample(b: int) -> Any:
+        batch = collate([examples[i % len(examples)] for i in range(b)])
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    return sample
 
 
 try:

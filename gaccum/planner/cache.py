@@ -42,10 +42,10 @@ def checkpointing(model: nn.Module) -> Any:
     return seen
 
 
-def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, **settings: Any) -> str:
+def plan_key(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], **settings: Any) -> str:
     params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
     blob = json.dumps([repr(model), params, checkpointing(model), type(optimizer).__name__,
-                       {k: repr(v) for k, v in optimizer.defaults.items()}, sorted(settings.items()),
+                       {k: repr(v) for k, v in getattr(optimizer, "defaults", {}).items()}, sorted(settings.items()),
                        torch.__version__, __version__], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

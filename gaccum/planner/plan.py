@@ -29,7 +29,7 @@ from ..batch import batch_tensors
 from ..memory import format_bytes
 from . import budget as budget_phase
 from . import cache as plan_cache
-from .probe import (AMP_DTYPES, ProbeResult, Rig, Snapshot, cuda_peak, optimizer_like, probe_cuda,
+from .probe import (AMP_DTYPES, EvalRig, ProbeResult, Rig, Snapshot, cuda_peak, optimizer_like, probe_cuda,
                     probe_tracked)
 from .result import Plan, PlanError, does_not_fit
 from .search import height, search
@@ -46,7 +46,7 @@ class _Request:
     target_bs: int
     sample: Callable[[int], Any]
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
-    optimizer: torch.optim.Optimizer
+    optimizer: Optional[torch.optim.Optimizer]
     own_optimizer: bool
     amp: Optional[str]
     device: torch.device
@@ -57,6 +57,7 @@ class _Request:
     uneven: bool
     objective: str
     soak: int
+    mode: str
 
 
 # --------------------------------------------------------------------------- the phases
@@ -77,6 +78,7 @@ def plan(
     soak: int = 0,
     cache: bool = True,
     refresh: bool = False,
+    mode: str = "train",
 ) -> Plan:
     """Find the largest micro-batch that fits in steady training and the window that reaches ``target_bs``.
 
@@ -91,12 +93,16 @@ def plan(
     ``device="meta"`` plans on fake tensors without the device. ``objective=
     "throughput"`` picks the fastest fitting size among those probed. ``soak=N``
     trains N real micro-steps at the chosen size and steps down if they do not
-    fit. Model, optimizer, gradients, module modes and RNG come back as they
-    were, as the same tensor objects; module and optimizer hooks fire while
-    probing.
+    fit. ``mode="eval"`` plans evaluation instead: the largest forward-only batch
+    (``loss_fn(model, batch)`` is then any evaluation, run in eval mode under
+    ``inference_mode``; no gradients, no optimizer), so an eval batch never
+    shrinks the training plan. Model, optimizer, gradients, module modes and RNG
+    come back as they were, as the same tensor objects; module and optimizer
+    hooks fire while probing.
     """
     t_start = time.perf_counter()
-    req = _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_grads, uneven, objective, soak)
+    req = _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_grads, uneven, objective, soak,
+                 mode)
     bud = budget_phase.measure(req.device, req.estimate, memory_limit, headroom)
     snapshot = Snapshot(model, req.optimizer)
     try:
@@ -117,13 +123,15 @@ def plan(
         return result
     finally:
         snapshot.restore()
-        if req.own_optimizer:
+        if req.own_optimizer and req.optimizer is not None:
             req.optimizer.state.clear()
 
 
 def _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_grads, uneven, objective,
-           soak) -> _Request:
+           soak, mode) -> _Request:
     """Every argument checked before anything is touched."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"gaccum: mode must be 'train' or 'eval', got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"gaccum: model must be a torch.nn.Module, got {type(model).__name__}")
     if not is_int(target_bs):
@@ -138,7 +146,7 @@ def _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_gra
         raise ValueError(f"gaccum: objective must be 'memory' or 'throughput', got {objective!r}")
     if not is_int(soak) or soak < 0:
         raise ValueError(f"gaccum: soak must be a number of micro-steps >= 0, got {soak!r}")
-    if not any(p.requires_grad for p in model.parameters()):
+    if mode == "train" and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("gaccum: the model has no trainable parameters")
     model_device = _model_device(model)
     estimate = device is not None and str(device) == "meta"
@@ -147,22 +155,26 @@ def _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_gra
     ):
         raise ValueError(f"gaccum: device={device} but the model is on {model_device}; move the model first")
     own = optimizer is None
-    if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    _check_optimizer(optimizer)
-    # the Accumulator's own rules: which parameters a window holds, and whether they get FP32 masters
-    use_masters = resolve_master_grads(master_grads, trained_params(model.parameters(), optimizer))
+    use_masters = False
+    if mode == "eval":
+        optimizer = None  # evaluation holds no optimizer state and no gradients
+    else:
+        if optimizer is None:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        _check_optimizer(optimizer)
+        # the Accumulator's own rules: which parameters a window holds, and whether they get FP32 masters
+        use_masters = resolve_master_grads(master_grads, trained_params(model.parameters(), optimizer))
     world = world_size()
     if target_bs % world:
         raise ValueError(f"gaccum: target_bs={target_bs} is global and must be divisible by the world size {world}")
     return _Request(model, target_bs, sample, loss_fn, optimizer, own, amp, model_device, estimate, use_masters,
-                    world, target_bs // world, uneven, objective, soak)
+                    world, target_bs // world, uneven, objective, soak, mode)
 
 
 def _cache_key(req: _Request, bud: budget_phase.Budget, shapes: list, **extra: Any) -> str:
     return plan_cache.plan_key(req.model, req.optimizer, shapes=shapes, target_bs=req.target_bs, amp=req.amp,
                                device=bud.device_name, limit=bud.limit, headroom=bud.headroom, world=req.world,
-                               uneven=req.uneven, objective=req.objective, soak=req.soak, **extra)
+                               uneven=req.uneven, objective=req.objective, soak=req.soak, mode=req.mode, **extra)
 
 
 class _Session:
@@ -173,12 +185,14 @@ class _Session:
         self.notes = list(bud.notes)
         self.start = 1
         self.fake_mode: Any = None
-        req.model.train()  # probes train (BatchNorm updates, dropout on)
+        req.model.train(req.mode == "train")  # probes train (BatchNorm updates, dropout on), or evaluate
         model, opt = req.model, req.optimizer
         if req.estimate:
             self.fake_mode, model, opt = _fake_copies(req.model, req.optimizer)
+        run_device = torch.device("cpu") if req.estimate else req.device
         with self._ctx():
-            self.rig = Rig(model, opt, req.amp, torch.device("cpu") if req.estimate else req.device, req.use_masters)
+            self.rig: Any = (EvalRig(model, req.amp, run_device) if req.mode == "eval"
+                             else Rig(model, opt, req.amp, run_device, req.use_masters))
         snapshot.restore_weights()
 
     def _ctx(self) -> Any:
@@ -227,7 +241,7 @@ class _Session:
     def search(self) -> tuple[int, list[ProbeResult]]:
         req = self.req
         seed = None
-        if self.on_gpu:
+        if self.on_gpu and req.mode == "train":
             seed = _fake_seed(req.model, req.optimizer, req.sample, req.loss_fn, req.amp, req.use_masters,
                               req.per_rank, self.bud.budget, self.start, self.notes)
             self.snapshot.restore_weights()
@@ -271,7 +285,7 @@ def _report(req: _Request, bud: budget_phase.Budget, window: Window, best: int, 
         headroom=bud.headroom, device=bud.device_name, amp=req.amp, probes=probes, max_micro_batch=best,
         estimate=req.estimate, allowance=bud.allowance, seconds=0.0, objective=req.objective, throughput=throughput,
         notes=notes, master_grads=req.use_masters, agreed_budget=bud.budget if req.world > 1 else None,
-        peak_interpolated=interpolated,
+        peak_interpolated=interpolated, mode=req.mode,
     )
 
 
@@ -291,13 +305,15 @@ def _model_device(model: nn.Module) -> torch.device:
     return devs.pop()
 
 
-def _fake_copies(model: nn.Module, optimizer: torch.optim.Optimizer):
+def _fake_copies(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]):
     from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with FakeCopyMode(mode):
         fmodel = copy.deepcopy(model)
     fmodel = fmodel.to("cpu") if next(fmodel.parameters()).device.type != "cpu" else fmodel
+    if optimizer is None:
+        return mode, fmodel, None
     fparams = list(fmodel.parameters())
     index = {id(p): i for i, p in enumerate(model.parameters())}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fparams[index[id(p)]] for p in g["params"]]}

@@ -71,14 +71,14 @@ class Snapshot:
     never on the device twice.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
         self.model, self.optimizer = model, optimizer
         self.tensors = [(t, t.detach().to("cpu", copy=True)) for t in list(model.parameters()) + list(model.buffers())]
         self.grads = [(p, p.grad, None if p.grad is None else p.grad.detach().to("cpu", copy=True))
                       for p in model.parameters()]
-        self.state = {p: (st, dict(st), _to_cpu(dict(st))) for p, st in optimizer.state.items()}
+        self.state = {p: (st, dict(st), _to_cpu(dict(st))) for p, st in optimizer.state.items()} if optimizer else {}
         self.groups = [(g, _to_cpu({k: v for k, v in g.items() if k != "params"}), list(g["params"]))
-                       for g in optimizer.param_groups]
+                       for g in optimizer.param_groups] if optimizer else []
         self.modes = [(m, m.training) for m in model.modules()]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -104,7 +104,7 @@ class Snapshot:
                 if g is not None:
                     g.copy_(saved)
             opt = self.optimizer
-            for p in [q for q in opt.state if q not in self.state]:
+            for p in [q for q in (opt.state if opt is not None else {}) if q not in self.state]:
                 del opt.state[p]  # state the probes created (the warm-up) goes
             for p, (st, items, saved) in self.state.items():
                 st.clear()
@@ -263,6 +263,42 @@ class Rig:
             del loss
             if self.master_grads:
                 self._flush()
+
+
+class EvalRig:
+    """What an evaluation step runs with: the model alone, in eval mode, forward only under inference_mode
+    (no gradients, no optimizer state), so an eval batch is planned apart from the training one."""
+
+    master_grads = False
+    fsdp = None
+
+    def __init__(self, model: nn.Module, amp: Optional[str], device: torch.device) -> None:
+        self.model, self.amp, self.device = model, amp, device
+
+    def tracked(self) -> list[Any]:
+        return []
+
+    def settle(self) -> None:
+        pass
+
+    def step(self, sample: Callable[[int], Any], fn: Callable[[nn.Module, Any], Any], b: int, check: bool = True,
+             micro: int = 1, on_phase: Optional[Callable[[str], None]] = None) -> Any:
+        """``micro`` forward passes of one batch of b; ``fn(model, batch)`` is the evaluation (its output is
+        dropped). Returns the batch."""
+        if on_phase is not None:
+            on_phase("forward")
+        batch = sample(b)
+        if check:
+            _check_batch(batch, b, self.device)
+        dtype = AMP_DTYPES[self.amp]
+        with torch.inference_mode(), (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                                      else contextlib.nullcontext()):
+            for _ in range(micro):
+                out = fn(self.model, batch)
+                del out
+        if on_phase is not None:
+            on_phase("step")
+        return batch
 
 
 def _check_batch(batch: Any, b: int, device: torch.device) -> None:

@@ -42,6 +42,7 @@ class Plan:
     master_grads: bool = False
     agreed_budget: Optional[int] = None  # under torch.distributed: the smallest rank's budget, which all used
     peak_interpolated: bool = False  # the chosen size was not probed itself: its peak lies between two probes
+    mode: str = "train"  # "eval": the largest forward-only batch, planned apart from training
 
     @property
     def budget(self) -> int:
@@ -99,7 +100,8 @@ class Plan:
                      + (" (the smallest rank's, used by all)" if self.world_size > 1 else "")))
         head += [("device", f"{self.device}" + (f", amp={self.amp}" if self.amp else "")
                   + (", FP32 master gradients" if self.master_grads else "")),
-                 ("plan", kind + (" (from cache, 0 probes)" if self.cached else "")),
+                 ("plan", kind + (" (from cache, 0 probes)" if self.cached else "")
+                  + (", eval: forward only under inference_mode" if self.mode == "eval" else "")),
                  ("probes", f"{len(self.probes)} in {self.seconds:.2f} s")]
         width = max(len(k) for k, _ in head)
         lines = ["gaccum plan", "-" * (width + 40)] + [f"{k:<{width}}  {v}" for k, v in head]
