@@ -9,6 +9,7 @@ the PyTorch fallback runs and one warning says so.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.machinery
 import importlib.util
 import os
@@ -50,12 +51,40 @@ def _find_prebuilt() -> Path | None:
 
 
 def jit_build(verbose: bool = False) -> Path:
-    """Build the module into the cache folder (a no-op when it is already there)."""
+    """Build the module into the cache folder (a no-op when it is already there).
+
+    Under torchrun every rank may get here at once: an exclusive file lock beside the folder makes one
+    build and the others wait, then find it built.
+    """
     target = cache_dir() / "ext" / _build.source_hash()
     out = target / _build.module_filename()
-    if not out.exists():
-        _build.build(target, verbose=verbose)
+    if out.exists():
+        return out
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not out.exists():
+                _build.build(target, verbose=verbose)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return out
+
+
+def usable_on_device(module: ModuleType) -> bool:
+    """Whether the compiled module can launch here: it counts the devices its own CUDA runtime sees (a
+    driver or architecture it cannot use shows as 0). Asked once per module."""
+    key = id(module)
+    if key not in _usable:
+        count = getattr(module, "device_count", None)
+        _usable[key] = count is None or count() > 0
+        if not _usable[key]:
+            warn_user("gaccum: the compiled CUDA module sees no device it can use (a driver or GPU architecture it "
+                      "was not built for); using the PyTorch fallback", RuntimeWarning)
+    return _usable[key]
+
+
+_usable: dict[int, bool] = {}
 
 
 def load(jit: bool = True, quiet: bool = False) -> ModuleType | None:

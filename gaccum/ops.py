@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _ext
+from ._checks import warn_user
 
 _GRAD_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -216,9 +217,11 @@ def set_host_backend(module: Optional[ModuleType]) -> Optional[ModuleType]:
 
 
 def _kernel_module(device: torch.device) -> Optional[ModuleType]:
-    """The compiled module that serves ``device``, or None when the fallback runs there."""
+    """The compiled module that serves ``device``, or None when the fallback runs there: on CUDA only when
+    the module itself sees a device (a driver or architecture it cannot use shows as 0 devices to it)."""
     if device.type == "cuda":
-        return _ext.load()
+        ext = _ext.load()
+        return ext if ext is not None and _ext.usable_on_device(ext) else None
     if device.type == "cpu":
         return _HOST["module"]
     return None
@@ -339,7 +342,12 @@ def fused_masters(masters: Sequence[torch.Tensor], grad_dtypes: Sequence[torch.d
     ext = _kernel_module(found_inf.device)
     if ext is None or not hasattr(ext, "MasterSet"):
         return None
-    return FusedMasters(ext, masters, grad_dtypes, found_inf, inv_scale)
+    try:
+        return FusedMasters(ext, masters, grad_dtypes, found_inf, inv_scale)
+    except RuntimeError as exc:  # the module refused the set (a CUDA error there): the fallback serves it
+        warn_user(f"gaccum: the fused CUDA kernel could not register the master gradients ({exc}); using the "
+                  "PyTorch fallback", RuntimeWarning)
+        return None
 
 
 @_op.register_fake
@@ -359,6 +367,9 @@ def unscale_check_accumulate_(
 ) -> None:
     """Python entry point: accepts a float ``inv_scale`` and any sequence type."""
     if not isinstance(inv_scale, torch.Tensor):
+        if found_inf.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("gaccum: inv_scale is a float inside CUDA-graph capture, which would copy it from the "
+                             "host in the graph; pass inv_scale as a one-element float32 tensor on the device")
         inv_scale = torch.tensor([float(inv_scale)], dtype=torch.float32, device=found_inf.device)
     torch.ops.gaccum.unscale_check_accumulate_(
         list(grads), list(masters), found_inf, inv_scale, overwrite, zero_grads, sq_norm
@@ -368,7 +379,7 @@ def unscale_check_accumulate_(
 def backend_for(device: torch.device | str) -> str:
     """'cuda-kernel', 'host-emulation' or 'pytorch-fallback': which implementation would run on ``device``."""
     device = torch.device(device)
-    if device.type == "cuda" and _ext.load(quiet=True) is not None:
+    if device.type == "cuda" and _kernel_module(device) is not None:
         return "cuda-kernel"
     if device.type == "cpu" and _HOST["module"] is not None:
         return "host-emulation"

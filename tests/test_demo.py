@@ -8,8 +8,9 @@ from gaccum.metrics import MetricsLogger
 
 def test_demo_runs_and_writes_the_report(tmp_path):
     out = tmp_path / "rep"
+    # on CPU everywhere: a 24 MiB limit is below a GPU's CUDA context, so on a GPU machine nothing would fit
     r = subprocess.run([sys.executable, "-m", "gaccum.cli", "demo", "--steps", "3", "--target-bs", "64",
-                        "--memory-limit", "24MiB", "--out", str(out), "--no-progress"],
+                        "--memory-limit", "24MiB", "--out", str(out), "--no-progress", "--device", "cpu"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "gaccum plan" in r.stdout and "verify (first window): PASS" in r.stdout and "summary" in r.stdout

@@ -122,6 +122,10 @@ class MasterGrads:
             p.grad = None
             return
         g, i = p.grad, self.index[p]
+        if g.numel() != self.views[i].numel():  # p.data was swapped for another shape: never read past a master
+            raise ValueError(f"gaccum: parameter {i} now has {g.numel()} elements but its FP32 master {self.views[i].numel()}"
+                             "; a parameter's shape cannot change under an Accumulator or hook: close() it, change "
+                             "the model, and build a new one")
         if self._fused is not None and g.is_contiguous():
             index, ptrs, keep = self._ready[not self.written[i]]  # keyed by overwrite
             index.append(i)
@@ -153,9 +157,13 @@ class MasterGrads:
             return
         slow, self._pending, self._pending_bytes = self._pending, [], 0
         done = list(slow)
-        for overwrite, (index, ptrs, _keep) in ready:
+        for overwrite, (index, ptrs, keep) in ready:
             self._ready[overwrite] = ([], [], [])
             self._fused.launch(index, ptrs, overwrite)  # type: ignore[union-attr]
+            if self.device.type == "cuda":  # freed below: not reused before the launch on this stream has read them
+                stream = torch.cuda.current_stream(self.device)
+                for g in keep:
+                    g.record_stream(stream)
             done += index
         for overwrite in (True, False):
             sel = [i for i in slow if self.written[i] != overwrite]

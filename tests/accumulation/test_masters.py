@@ -100,3 +100,13 @@ def test_load_state_dict_checks_every_shape_before_assigning():
     with pytest.raises(ValueError, match="do not match"):
         acc.load_state_dict(bad)
     assert acc.core.micro == 1 and all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_parameter_whose_shape_changed_is_refused_before_any_master_is_read_past():
+    model = bf16_model()
+    acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2)
+    x, y = data(4)
+    model[2].bias.data = torch.zeros(1, dtype=torch.bfloat16)  # broadcasts in the forward: 1 element, master 3
+    with pytest.raises(ValueError, match="now has 1 elements but its FP32 master 3"):
+        with acc.accumulate():
+            acc.backward(F.mse_loss(model(x).float(), y.float()))

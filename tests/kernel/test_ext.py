@@ -121,3 +121,25 @@ def test_setup_installs_without_nvcc(tmp_path):
     """, GACCUM_REQUIRE_EXT="0")
     assert r.returncode == 0, r.stderr
     assert "INSTALLED []" in r.stdout and "nvcc not found" in r.stderr
+
+
+def test_ranks_building_at_once_wait_for_one_build(tmp_path, monkeypatch):
+    """Under torchrun every rank may JIT-build at once: one builds, the others wait on the lock and reuse it."""
+    import fcntl
+    import threading
+
+    monkeypatch.setenv("GACCUM_CACHE_DIR", str(tmp_path))
+    target = _ext.cache_dir() / "ext" / _build.source_hash()
+    target.parent.mkdir(parents=True)
+    lock = open(target.parent / f"{target.name}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another rank is building
+    got = []
+    t = threading.Thread(target=lambda: got.append(_ext.jit_build()))
+    t.start()
+    t.join(timeout=2)
+    assert t.is_alive() and not got  # waits instead of building into the same folder
+    target.mkdir()
+    (target / _build.module_filename()).write_bytes(b"built by the other rank")
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(timeout=30)
+    assert got == [target / _build.module_filename()]  # found it built: no second build
