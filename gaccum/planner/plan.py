@@ -101,9 +101,12 @@ def plan(
     hooks fire while probing.
     """
     t_start = time.perf_counter()
+    model, compiled_note = _uncompiled(model)
     req = _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_grads, uneven, objective, soak,
                  mode)
     bud = budget_phase.measure(req.device, req.estimate, memory_limit, headroom)
+    if compiled_note:
+        bud.notes.append(compiled_note)
     snapshot = Snapshot(model, req.optimizer)
     try:
         session = _Session(req, bud, snapshot)
@@ -125,6 +128,18 @@ def plan(
         snapshot.restore()
         if req.own_optimizer and req.optimizer is not None:
             req.optimizer.state.clear()
+
+
+def _uncompiled(model: Any) -> tuple[Any, Optional[str]]:
+    """A ``torch.compile``d model is probed as its original module, and the plan says so: gaccum's CPU
+    accounting runs under a dispatch mode, where Dynamo would fall back to eager anyway, and on a GPU every
+    probed size would compile anew. Compiled code usually needs no more memory than eager, so the plan is
+    on the safe side; ``soak=`` trains the compiled model itself at the chosen size."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, nn.Module) and isinstance(inner, nn.Module):
+        return inner, ("torch.compile'd model: probed eager (its original module), no compile per probe; "
+                       "compiled code usually needs no more memory, so the plan is on the safe side")
+    return model, None
 
 
 def _check(model, target_bs, sample, loss_fn, optimizer, amp, device, master_grads, uneven, objective,

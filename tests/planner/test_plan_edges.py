@@ -87,3 +87,12 @@ def test_an_eval_plan_is_the_largest_forward_only_batch_and_leaves_the_training_
     assert params + events.peak <= 1 << 20
     with pytest.raises(ValueError, match="mode must be"):
         gaccum.plan(model, 64, _sample(), _ce, memory_limit="4MiB", mode="test")
+
+
+def test_a_compiled_model_is_probed_as_its_eager_module_and_the_plan_says_so():
+    model = _mlp()
+    compiled = torch.compile(model)
+    p = gaccum.plan(compiled, 4096, _sample(), _ce, memory_limit="1MiB", headroom=0, cache=False)
+    eager = gaccum.plan(model, 4096, _sample(), _ce, memory_limit="1MiB", headroom=0, cache=False)
+    assert p.max_micro_batch == eager.max_micro_batch  # what was measured is the eager module, and said
+    assert any("torch.compile'd model: probed eager" in n for n in p.notes)
