@@ -18,12 +18,21 @@ class MetricsLogger:
     Each optimizer step writes one JSON line: step, loss (the Accumulator's
     item-weighted window mean; else the mean of the losses given to ``micro``,
     which may be None), samples/s, tokens/s, peak memory, master-gradient bytes,
-    skipped (overflow) steps, the loss scale, the accumulation steps in force
-    (a schedule changes them) and what out-of-memory splits have learned.
+    skipped (overflow) steps, discarded windows, the loss scale, the accumulation
+    steps in force (a schedule changes them) and what out-of-memory splits have learned.
+
+    With a TensorBoard ``writer`` (a ``torch.utils.tensorboard.SummaryWriter``, or ``tensorboard_dir``
+    to make one) the same goes to TensorBoard per optimizer step, under ``gaccum/``: the peak and, with
+    ``budget=`` (``plan.budget``), the peak as a fraction of it, the master buffer, skipped and
+    discarded windows, OOM splits, samples/s and tokens/s, the loss and the accumulation steps.
     """
 
-    def __init__(self, path: str | Path, *, tensorboard_dir: Optional[str | Path] = None,
-                 peak_memory: Optional[Callable[[], int]] = None, extra: Optional[dict[str, Any]] = None) -> None:
+    SCALARS = ("loss", "samples_per_s", "tokens_per_s", "peak_memory", "peak_of_budget", "master_grad_bytes",
+               "skipped_steps", "discarded_windows", "oom_splits", "accum_steps")
+
+    def __init__(self, path: str | Path, *, tensorboard_dir: Optional[str | Path] = None, writer: Any = None,
+                 budget: Optional[int] = None, peak_memory: Optional[Callable[[], int]] = None,
+                 extra: Optional[dict[str, Any]] = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a")
@@ -31,8 +40,9 @@ class MetricsLogger:
         self.extra = extra or {}
         self.records: list[dict[str, Any]] = []
         self._reset()
-        self.writer = None
-        if tensorboard_dir is not None:
+        self.budget = budget
+        self.writer = writer
+        if writer is None and tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -68,12 +78,14 @@ class MetricsLogger:
             "micro_batch_limit": acc.micro_batch_limit, "oom_splits": acc.oom_splits,
             "discarded_windows": acc.discarded_windows, **self.extra,
         }
+        if self.budget:
+            rec["peak_of_budget"] = rec["peak_memory"] / self.budget if rec["peak_memory"] else None
         self.records.append(rec)
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
         if self.writer is not None:
-            for k in ("loss", "samples_per_s", "tokens_per_s", "peak_memory", "skipped_steps", "accum_steps"):
-                if rec[k] is not None:
+            for k in self.SCALARS:
+                if rec.get(k) is not None:
                     self.writer.add_scalar(f"gaccum/{k}", rec[k], rec["step"])
         self._reset()
 

@@ -47,3 +47,39 @@ def test_metrics_logger_writes_one_line_per_optimizer_step(tmp_path):
     log.close()
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["step"] == 2 and json.loads(lines[1])["samples"] == 10
+
+
+def test_the_metrics_go_to_tensorboard_and_read_back():
+    import tempfile
+
+    import pytest
+    import torch
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = torch.nn.Linear(3, 1).bfloat16()
+        acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2,
+                                 memory_limit="1MiB")
+        writer = SummaryWriter(tmp)
+        log = MetricsLogger(f"{tmp}/m.jsonl", writer=writer, budget=1 << 20)
+        acc.add_callback(log)
+        for _ in range(6):
+            x = torch.randn(5, 3).bfloat16()
+            acc.micro_batch((x,), lambda m, b: m(b[0]).float().pow(2).mean())
+            log.micro(None, 5, 15)
+        writer.flush()
+        events = EventAccumulator(tmp)
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        for k in ("peak_memory", "peak_of_budget", "master_grad_bytes", "skipped_steps", "discarded_windows",
+                  "oom_splits", "samples_per_s", "tokens_per_s", "loss"):
+            assert f"gaccum/{k}" in tags, k
+        steps = [e.step for e in events.Scalars("gaccum/samples_per_s")]
+        assert steps == [1, 2, 3]  # one point per optimizer step
+        assert all(0 < e.value <= 1 for e in events.Scalars("gaccum/peak_of_budget"))  # held under the budget
+        assert events.Scalars("gaccum/master_grad_bytes")[0].value == acc.master_grad_bytes > 0
+        log.close()
+        acc.close()
