@@ -23,13 +23,13 @@ from torch import nn
 
 from .._checks import is_int
 from .._dist import all_reduce_scalars, ranks_agree, world_size
-from ..accounting import LiveBytes
+from ..accounting import AllocatorEvents, LiveBytes
 from ..accumulation import is_oom, resolve_master_grads, trained_params
 from ..batch import batch_tensors
 from ..memory import format_bytes
 from . import budget as budget_phase
 from . import cache as plan_cache
-from .probe import (AMP_DTYPES, EvalRig, ProbeResult, Rig, Snapshot, cuda_peak, optimizer_like, probe_cuda,
+from .probe import (AMP_DTYPES, EvalRig, ProbeResult, Rig, Snapshot, cuda_peak, fits, optimizer_like, probe_cuda,
                     probe_tracked)
 from .result import Plan, PlanError, does_not_fit
 from .search import height, search
@@ -205,10 +205,9 @@ class _Session:
         if req.estimate:
             self.fake_mode, model, opt = _fake_copies(req.model, req.optimizer)
         run_device = torch.device("cpu") if req.estimate else req.device
-        with self._ctx():
+        with snapshot.trial(), self._ctx():  # the Rig's warm optimizer step moves the weights
             self.rig: Any = (EvalRig(model, req.amp, run_device) if req.mode == "eval"
                              else Rig(model, opt, req.amp, run_device, req.use_masters))
-        snapshot.restore_weights()
 
     def _ctx(self) -> Any:
         return self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
@@ -222,7 +221,7 @@ class _Session:
         shapes key the cache. Out of memory even here is a PlanError with its advice, on every device."""
         req = self.req
         try:
-            with self._ctx():
+            with self.snapshot.trial(), self._ctx():
                 try:
                     example = self.rig.step(req.sample, req.loss_fn, 1)
                 except ValueError as exc:
@@ -240,7 +239,6 @@ class _Session:
                                          req.model, self.bud.allowance)) from exc
         shapes = [(tuple(t.shape), str(t.dtype)) for t in batch_tensors(example)]
         del example
-        self.snapshot.restore_weights()
         return shapes
 
     def probe(self, b: int) -> ProbeResult:
@@ -257,9 +255,9 @@ class _Session:
         req = self.req
         seed = None
         if self.on_gpu and req.mode == "train":
-            seed = _fake_seed(req.model, req.optimizer, req.sample, req.loss_fn, req.amp, req.use_masters,
-                              req.per_rank, self.bud.budget, self.start, self.notes)
-            self.snapshot.restore_weights()
+            with self.snapshot.trial():
+                seed = _fake_seed(req.model, req.optimizer, req.sample, req.loss_fn, req.amp, req.use_masters,
+                                  req.per_rank, self.bud.budget, self.start, self.notes)
         best, probes = search(self.probe, req.per_rank, self.bud.budget, seed=seed, start=self.start)
         if best == 0:
             raise PlanError(does_not_fit(probes[0], self.start, self.bud.budget, self.bud.limit, self.bud.headroom,
@@ -380,13 +378,37 @@ def _samples_per_second(rig: Rig, sample, loss_fn, b: int, snapshot: Snapshot, r
     """Training throughput at batch b; the restore between steps is not timed."""
     elapsed = 0.0
     for _ in range(reps):
-        t0 = time.perf_counter()
-        rig.step(sample, loss_fn, b, check=False)
-        if rig.device.type == "cuda":
-            torch.cuda.synchronize(rig.device)
-        elapsed += time.perf_counter() - t0
-        snapshot.restore_weights()
+        with snapshot.trial():
+            t0 = time.perf_counter()
+            rig.step(sample, loss_fn, b, check=False)
+            if rig.device.type == "cuda":
+                torch.cuda.synchronize(rig.device)
+            elapsed += time.perf_counter() - t0
     return b * reps / elapsed if elapsed > 0 else 0.0
+
+
+def _soak_fits(rig: Rig, sample, loss_fn, n: int, size: int, steps: int, budget: int, device: torch.device) -> bool:
+    """``n`` micro-steps at ``size`` in windows of ``steps``, measured as a probe measures (on CPU the live
+    tensors, which stop it over the budget, and the allocator's own events; on CUDA the allocator's peak)."""
+    on_cpu = device.type != "cuda"
+    meter = LiveBytes(budget).track(rig.model, *rig.tracked()) if on_cpu else None
+    events = AllocatorEvents() if on_cpu and rig.fsdp is None else None  # as the probe (FSDP2: tensors only)
+    base = meter.live if meter is not None else 0
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with meter if meter is not None else contextlib.nullcontext(), \
+                events if events is not None else contextlib.nullcontext():
+            for left in range(n, 0, -steps):  # windows of micro-steps, the last one short
+                rig.step(sample, loss_fn, size, check=False, micro=min(left, steps))
+    except Exception as exc:  # noqa: BLE001 - OOM means "step down"; anything else is the user's
+        if not is_oom(exc):
+            raise
+        rig.settle()
+        return False
+    if meter is None:
+        return fits(cuda_peak(device), budget)
+    return fits(max(meter.peak, base + events.peak if events is not None else 0), budget)
 
 
 def _soak(rig: Rig, sample, loss_fn, n: int, window: Window, per_rank: int, uneven: bool, budget: int,
@@ -394,23 +416,8 @@ def _soak(rig: Rig, sample, loss_fn, n: int, window: Window, per_rank: int, unev
     """Train ``n`` micro-steps at the window's largest size; step down until they stay under the budget."""
     size = window.largest
     for _ in range(8):
-        ok = True
-        try:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # on CPU the accounting raises over the budget; on CUDA the allocator's peak is read after
-            on_cpu = device.type != "cuda"
-            with LiveBytes(budget).track(rig.model, *rig.tracked()) if on_cpu else contextlib.nullcontext():
-                for left in range(n, 0, -len(window)):  # windows of micro-steps, the last one short
-                    rig.step(sample, loss_fn, size, check=False, micro=min(left, len(window)))
-            if device.type == "cuda":
-                ok = cuda_peak(device) <= budget
-        except Exception as exc:  # noqa: BLE001 - OOM means "step down"; anything else is the user's
-            if not is_oom(exc):
-                raise
-            ok = False
-            rig.settle()
-        snapshot.restore_weights()
+        with snapshot.trial():
+            ok = _soak_fits(rig, sample, loss_fn, n, size, len(window), budget, device)
         ok = ranks_agree(ok, device)
         if ok:
             notes.append(f"soak: {n} micro-steps at {size} stayed under the budget")

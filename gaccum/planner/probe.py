@@ -25,7 +25,7 @@ import gc
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -95,6 +95,15 @@ class Snapshot:
         with torch.no_grad():
             for t, saved in self.tensors:
                 t.copy_(saved)
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[None]:
+        """Run a step that may change the weights (a warm-up, a probe, a soak): they come back at the end,
+        however it ends."""
+        try:
+            yield
+        finally:
+            self.restore_weights()
 
     def restore(self) -> None:
         self.restore_weights()
@@ -314,6 +323,11 @@ def _check_batch(batch: Any, b: int, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- probes
+def fits(peak: Optional[int], budget: int) -> bool:
+    """The one rule for "fits": a measured peak at most the budget (no peak: it ran out of memory)."""
+    return peak is not None and peak <= budget
+
+
 def cuda_peak(device: torch.device, sync: bool = True) -> int:
     """The one reading of a step's peak on CUDA: what the caching allocator reserved or allocated at most."""
     if sync:
@@ -352,7 +366,7 @@ def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> Prob
         rig.settle()
     torch.cuda.empty_cache()
     snapshot.restore_weights()
-    fit = (not oom) and peak is not None and peak <= budget
+    fit = (not oom) and fits(peak, budget)
     return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
 
 
@@ -390,6 +404,6 @@ def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snaps
         snapshot.restore_weights()
     # LiveBytes' peak is reset at the forward, so it already covers the activations
     peak = None if oom else max(meter.peak, base + events.peak if events is not None else 0)
-    fit = peak is not None and peak <= budget
+    fit = fits(peak, budget)
     return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
 
