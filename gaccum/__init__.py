@@ -8,7 +8,7 @@ from .accumulation import (AccumulationHook, Accumulator, StateError, StepResult
 from .lr import num_optimizer_steps, scale_lr
 from .memory import format_bytes, parse_bytes
 from .ops import unscale_check_accumulate_
-from .planner import Plan, PlanError, ProbeResult, plan
+from .planner import Plan, PlanError, ProbeResult, TokenPlan, plan, plan_tokens
 from .schedule import AccumulationSchedule
 from .verify import VerifyReport, verify
 from .window_data import WindowBatchSampler, WindowStream, window_loader
@@ -23,6 +23,7 @@ __all__ = [
     "PlanError",
     "ProbeResult",
     "StateError",
+    "TokenPlan",
     "StepResult",
     "VerifyReport",
     "WindowBatchSampler",
@@ -34,6 +35,7 @@ __all__ = [
     "num_optimizer_steps",
     "parse_bytes",
     "plan",
+    "plan_tokens",
     "scale_lr",
     "unscale_check_accumulate_",
     "verify",

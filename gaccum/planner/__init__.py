@@ -6,9 +6,12 @@ probe.py   Snapshot (saves and restores model, optimizer, RNG), Rig (what a wind
            with), the probes (CUDA allocator; CPU / fake tensors: LiveBytes and the allocator's events)
 search.py  from one or two probes to the largest size that fits, confirmed at b and b + 1; balanced windows
 cache.py   plans kept by model, optimizer, shapes and settings
+tokens.py  plan_tokens: the largest micro-batch per sequence length from two measured lengths (token budgets)
+window.py  a window as (size, count) runs
 """
 
 from .plan import Plan, PlanError, plan
 from .probe import ProbeResult
+from .tokens import TokenPlan, plan_tokens
 
-__all__ = ["Plan", "PlanError", "ProbeResult", "plan"]
+__all__ = ["Plan", "PlanError", "ProbeResult", "TokenPlan", "plan", "plan_tokens"]
