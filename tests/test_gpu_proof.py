@@ -22,8 +22,8 @@ def test_gpu_proof_dry_run_with_a_venv_python_and_nothing_installed():
                  "CPU suite", "killed whole    rc 124  ok"):
         assert step in r.stdout, step
     assert "wiring ok" in r.stdout
-    plan = subprocess.run(["make", "-n", "gpu-proof", "PY=/opt/machine/python3"], cwd=ROOT, capture_output=True,
-                          text=True)
+    plan = subprocess.run(["make", "--no-print-directory", "-n", "gpu-proof", "PY=/opt/machine/python3"], cwd=ROOT,
+                          capture_output=True, text=True)
     assert plan.stdout.strip() == "/opt/machine/python3 benchmarks/gpu_proof.py"  # no venv, no pip, no setup
 
 
