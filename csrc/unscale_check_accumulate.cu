@@ -78,46 +78,52 @@ __device__ __forceinline__ void process_chunk(const T* __restrict__ g_base,
   const T* g = g_base + start;
   float* m = m_base + start;
 
-  const bool vec_ok = (len % ILP == 0) && is_aligned(g, sizeof(T) * ILP) &&
-                      is_aligned(m, 16);
-  if (vec_ok) {
-    T* gw = const_cast<T*>(g);
-    for (int64_t i = (int64_t)threadIdx.x * ILP; i < len; i += (int64_t)blockDim.x * ILP) {
-      Vec<T, ILP> gv = *reinterpret_cast<const Vec<T, ILP>*>(g + i);
-      float out[ILP];
+  // A vector body over the 16-byte-aligned middle, and a bounded scalar head (to reach alignment) and
+  // tail (fewer than ILP elements): a chunk whose length is not a multiple of ILP, or a view that starts
+  // off a boundary, no longer runs wholly scalar. Only when the gradient and the master cannot both be
+  // aligned by the same head (their offsets differ) does the whole chunk run scalar.
+  const int64_t g_off = (int64_t)((reinterpret_cast<uintptr_t>(g) % 16) / sizeof(T));
+  int64_t head = g_off ? (int64_t)(16 / sizeof(T)) - g_off : 0;
+  if (head > len) head = len;
+  const bool vec_ok = is_aligned(g + head, sizeof(T) * ILP) && is_aligned(m + head, 16);
+  const int64_t body = vec_ok ? ((len - head) / ILP) * ILP : 0;
+  if (!vec_ok) head = len;
+  T* gw = const_cast<T*>(g);
+  for (int64_t i = head + (int64_t)threadIdx.x * ILP; i < head + body; i += (int64_t)blockDim.x * ILP) {
+    Vec<T, ILP> gv = *reinterpret_cast<const Vec<T, ILP>*>(g + i);
+    float out[ILP];
 #pragma unroll
-      for (int k = 0; k < ILP; k += 4) {
-        float4 mv = overwrite ? make_float4(0.f, 0.f, 0.f, 0.f)
-                              : *reinterpret_cast<const float4*>(m + i + k);
-        out[k + 0] = unfused(mv.x, to_float(gv.v[k + 0]), inv_scale);
-        out[k + 1] = unfused(mv.y, to_float(gv.v[k + 1]), inv_scale);
-        out[k + 2] = unfused(mv.z, to_float(gv.v[k + 2]), inv_scale);
-        out[k + 3] = unfused(mv.w, to_float(gv.v[k + 3]), inv_scale);
-        *reinterpret_cast<float4*>(m + i + k) =
-            make_float4(out[k + 0], out[k + 1], out[k + 2], out[k + 3]);
-      }
-#pragma unroll
-      for (int k = 0; k < ILP; ++k) {
-        bad |= !isfinite(out[k]);
-        if (want_norm) sq += out[k] * out[k];
-      }
-      if (zero_grad) {
-        Vec<T, ILP> z;
-#pragma unroll
-        for (int k = 0; k < ILP; ++k) z.v[k] = zero_of<T>();
-        *reinterpret_cast<Vec<T, ILP>*>(gw + i) = z;
-      }
+    for (int k = 0; k < ILP; k += 4) {
+      float4 mv = overwrite ? make_float4(0.f, 0.f, 0.f, 0.f)
+                            : *reinterpret_cast<const float4*>(m + i + k);
+      out[k + 0] = unfused(mv.x, to_float(gv.v[k + 0]), inv_scale);
+      out[k + 1] = unfused(mv.y, to_float(gv.v[k + 1]), inv_scale);
+      out[k + 2] = unfused(mv.z, to_float(gv.v[k + 2]), inv_scale);
+      out[k + 3] = unfused(mv.w, to_float(gv.v[k + 3]), inv_scale);
+      *reinterpret_cast<float4*>(m + i + k) =
+          make_float4(out[k + 0], out[k + 1], out[k + 2], out[k + 3]);
     }
-  } else {
-    // Bounds-checked scalar path: misaligned views, odd sizes.
-    T* gw = const_cast<T*>(g);
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      float o = unfused(overwrite ? 0.f : m[i], to_float(g[i]), inv_scale);
-      m[i] = o;
-      bad |= !isfinite(o);
-      if (want_norm) sq += o * o;
-      if (zero_grad) gw[i] = zero_of<T>();
+#pragma unroll
+    for (int k = 0; k < ILP; ++k) {
+      bad |= !isfinite(out[k]);
+      if (want_norm) sq += out[k] * out[k];
     }
+    if (zero_grad) {
+      Vec<T, ILP> z;
+#pragma unroll
+      for (int k = 0; k < ILP; ++k) z.v[k] = zero_of<T>();
+      *reinterpret_cast<Vec<T, ILP>*>(gw + i) = z;
+    }
+  }
+  // Bounds-checked scalar part: the head [0, head) and the tail [head + body, len), as one index range.
+  const int64_t scalar = len - body;
+  for (int64_t j = threadIdx.x; j < scalar; j += blockDim.x) {
+    const int64_t i = j < head ? j : j + body;
+    float o = unfused(overwrite ? 0.f : m[i], to_float(g[i]), inv_scale);
+    m[i] = o;
+    bad |= !isfinite(o);
+    if (want_norm) sq += o * o;
+    if (zero_grad) gw[i] = zero_of<T>();
   }
 }
 

@@ -242,7 +242,7 @@ Tensor tensor(int dt, int64_t n, uint64_t seed, int goff = 0, int moff = 0) {
 }
 
 const float kScales[] = {1.f, 0.25f, 1.f / 3.f, 1.f / 65536.f, 3.f};
-const int64_t kSizes[] = {0, 1, 7, 8, 65535, 65536, 65537, 3 * 65536 + 5};
+const int64_t kSizes[] = {0, 1, 7, 8, 9, 15, 17, 4097, 65535, 65536, 65537, 3 * 65536 + 5};  // odd: vector body + tail
 const int kViews[][2] = {{0, 0}, {1, 1}, {3, 0}, {0, 3}};
 struct Mode {
   const char* name;

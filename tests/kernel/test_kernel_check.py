@@ -21,8 +21,12 @@ SOURCE = (_build.csrc_dir() / _hostemu.KERNEL).read_text()
 
 # (name, text in the kernel, what replaces it, flavour, kernel_check arguments)
 PLANTED = [
-    ("scalar path bound off by one", "for (int64_t i = threadIdx.x; i < len; i += blockDim.x)",
-     "for (int64_t i = threadIdx.x; i <= len; i += blockDim.x)", "asan", ["--quick"]),
+    ("scalar path bound off by one", "for (int64_t j = threadIdx.x; j < scalar; j += blockDim.x)",
+     "for (int64_t j = threadIdx.x; j <= scalar; j += blockDim.x)", "asan", ["--quick"]),
+    ("the scalar tail starts one element early (overlaps the vector body)", "const int64_t i = j < head ? j : j + body;",
+     "const int64_t i = j < head ? j : j + body - 1;", "asan", ["--quick"]),
+    ("the vector body one vector too long (reads past the chunk)", "const int64_t body = vec_ok ? ((len - head) / ILP) * ILP : 0;",
+     "const int64_t body = vec_ok ? ((len - head) / ILP + 1) * ILP : 0;", "asan", ["--quick"]),
     ("a tensor's table entry not carried into the next launch", "if (!last_chunk) {", "if (false) {", "fma",
      ["--subset", "--big"]),
     ("inf check dropped in the vector path", "bad |= !isfinite(out[k]);", "(void)0;", "asan", ["--quick"]),
@@ -32,7 +36,8 @@ PLANTED = [
     ("zero_grad ignored in the vector path", "if (zero_grad) {", "if (false) {", "asan", ["--quick"]),
     ("the block's OR replaced by thread 0's own flag", "if (__syncthreads_or(bad) && threadIdx.x == 0)",
      "if ((__syncthreads_or(bad), bad) && threadIdx.x == 0)", "asan", ["--quick"]),
-    ("the master's alignment not checked before float4 access", "is_aligned(m, 16)", "true", "asan", ["--quick"]),
+    ("the master's alignment not checked before float4 access", "is_aligned(m + head, 16)", "true", "asan",
+     ["--quick"]),
     ("the 448-tensor table never flushed", "if (nt == kMaxTensors) flush();", "", "asan", ["--quick"]),
     ("the warp reduction skips half the lanes",
      "for (int off = 16; off > 0; off >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, off);\n    const int lane",
