@@ -64,10 +64,25 @@ def flat_masters(params: Sequence[torch.Tensor], device: torch.device) -> tuple[
     return flat, [flat[o: o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
 
 
+# The kernel gives each block 65,536 elements (csrc/multi_tensor_apply.cuh, kChunkSize) of 512 threads, and an
+# SM holds 4 such blocks; a flush should launch at least two waves of them.
+_CHUNK, _BLOCKS_PER_SM, _WAVES = 65536, 4, 2
+
+
+def bucket_bytes_for(device: torch.device) -> int:
+    """How many bytes of half gradients a flush waits for: 32 MiB, or on a GPU enough chunks for two full
+    waves of blocks (32 MiB launched 256 blocks, half a wave on an H200's 132 SMs; there it is 132 MiB)."""
+    floor = 32 << 20
+    if device.type != "cuda":
+        return floor
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(floor, sms * _BLOCKS_PER_SM * _WAVES * _CHUNK * 2)
+
+
 class MasterGrads:
     """One flat FP32 buffer holding the accumulated gradient of ``params``."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 32 << 20,
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: Optional[int] = None,
                  watch: Optional[BackwardWatch] = None) -> None:
         devices = {p.device for p in params}
         if len(devices) != 1:
@@ -83,7 +98,7 @@ class MasterGrads:
         self._inv_scale = torch.ones(1, dtype=torch.float32, device=self.device)
         self._inv_scale_value = 1.0
         self.written = [False] * len(self.params)
-        self.bucket_bytes = bucket_bytes
+        self.bucket_bytes = bucket_bytes if bucket_bytes is not None else bucket_bytes_for(self.device)
         self._pending: list[int] = []
         self._pending_bytes = 0
         self.watch = watch if watch is not None else BackwardWatch()

@@ -110,3 +110,13 @@ def test_a_parameter_whose_shape_changed_is_refused_before_any_master_is_read_pa
     with pytest.raises(ValueError, match="now has 1 elements but its FP32 master 3"):
         with acc.accumulate():
             acc.backward(F.mse_loss(model(x).float(), y.float()))
+
+
+def test_on_cpu_a_flush_waits_for_32_mib():
+    from gaccum.accumulation.masters import bucket_bytes_for
+
+    assert bucket_bytes_for(torch.device("cpu")) == 32 << 20
+    model = bf16_model()
+    acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2)
+    assert acc.core.masters.bucket_bytes == 32 << 20
+    acc.close()

@@ -228,3 +228,11 @@ def test_a_module_that_sees_no_device_falls_back_everywhere(ext, monkeypatch):
     acc = gaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=2)
     assert acc.core.masters._fused is None  # was: MasterSet raised at construction
     acc.close()
+
+
+def test_master_buckets_fill_two_waves_of_blocks(ext):
+    from gaccum.accumulation.masters import bucket_bytes_for
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    blocks = bucket_bytes_for(torch.device("cuda")) // (65536 * 2)  # bf16 chunks of 65,536 elements
+    assert blocks >= 2 * 4 * sms  # two waves of 4 blocks per SM (an H200: 1,056 blocks)
