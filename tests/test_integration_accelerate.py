@@ -82,3 +82,26 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_a_stream_gets_its_windows_from_accelerator_from_plan_and_gaccum_trains_it_exactly():
+    from torch.utils.data import IterableDataset
+
+    x, y = regression_data(22)
+
+    class Stream(IterableDataset):  # no len(): read once, in order
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    plan = window_plan([4, 3, 3])
+    accelerator, loader = accelerator_from_plan(plan, Stream(), accelerator_kwargs={"cpu": True})
+    ref, ours = mlp(), mlp()
+    large_batch_train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), [(x[:10], y[:10]), (x[10:20], y[10:20]),
+                                                                     (x[20:], y[20:])])
+    model, opt = accelerator.prepare(ours, torch.optim.SGD(ours.parameters(), lr=0.1))
+    acc = gaccum.Accumulator(model, opt, plan=plan)
+    for xb, yb in loader:
+        with acc.accumulate():
+            acc.backward(F.mse_loss(model(xb), yb))
+    assert acc.flush().stepped and acc.optimizer_steps == 3
+    assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-12
