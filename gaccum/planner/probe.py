@@ -236,11 +236,7 @@ class Rig:
         """``micro`` micro-steps of one batch of b, then the optimizer step. Returns the batch."""
         if not self.master_grads:
             self._ensure_grads()
-        if on_phase is not None:
-            on_phase("forward")
-        batch = sample(b)
-        if check:
-            _check_batch(batch, b, self.device)
+        batch = _draw(sample, b, self.device, check, on_phase)
         dtype = AMP_DTYPES[self.amp]
         if self.fsdp is not None:
             with gradient_sync(self.fsdp, False):
@@ -294,11 +290,7 @@ class EvalRig:
              micro: int = 1, on_phase: Optional[Callable[[str], None]] = None) -> Any:
         """``micro`` forward passes of one batch of b; ``fn(model, batch)`` is the evaluation (its output is
         dropped). Returns the batch."""
-        if on_phase is not None:
-            on_phase("forward")
-        batch = sample(b)
-        if check:
-            _check_batch(batch, b, self.device)
+        batch = _draw(sample, b, self.device, check, on_phase)
         dtype = AMP_DTYPES[self.amp]
         with torch.inference_mode(), (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                                       else contextlib.nullcontext()):
@@ -308,6 +300,17 @@ class EvalRig:
         if on_phase is not None:
             on_phase("step")
         return batch
+
+
+def _draw(sample: Callable[[int], Any], b: int, device: torch.device, check: bool,
+          on_phase: Optional[Callable[[str], None]]) -> Any:
+    """A step's batch: the memory before it is the "forward" phase's mark; checked when asked."""
+    if on_phase is not None:
+        on_phase("forward")
+    batch = sample(b)
+    if check:
+        _check_batch(batch, b, device)
+    return batch
 
 
 def _check_batch(batch: Any, b: int, device: torch.device) -> None:
