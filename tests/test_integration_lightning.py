@@ -117,3 +117,27 @@ def test_the_lr_rule_rescales_a_schedulers_base_lrs_too(tmp_path):
     trainer.fit(module)
     # was [0.4, 0.1, 0.1, ...]: the LambdaLR recomputed the LR from its unscaled base_lrs
     assert lrs and all(lr == pytest.approx(0.4) for lr in lrs)
+
+
+class WithValidation(Module):
+    def __init__(self):
+        super().__init__()
+        self.eval_batch_size = 4
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=self.eval_batch_size)
+
+
+def test_the_eval_batch_is_planned_apart_and_lightning_validates_with_it(tmp_path):
+    module = WithValidation()
+    planner = GaccumPlanner(256, memory_limit="2MiB", headroom=0, eval_batch_arg_name="eval_batch_size",
+                            cache=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[planner], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path), limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert planner.eval_plan.mode == "eval" and module.eval_batch_size == planner.eval_plan.max_micro_batch
+    assert module.eval_batch_size > module.batch_size  # forward only: more fits than in training

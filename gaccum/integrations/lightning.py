@@ -52,13 +52,18 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
 
     def __init__(self, target_bs: int, *, memory_limit: Optional[int | str] = None,
                  headroom: float | int | str = 0.05, batch_arg_name: str = "batch_size",
-                 lr_rule: Optional[str] = None, base_bs: Optional[int] = None, **plan_kwargs: Any) -> None:
+                 lr_rule: Optional[str] = None, base_bs: Optional[int] = None,
+                 eval_batch_arg_name: Optional[str] = None, **plan_kwargs: Any) -> None:
+        """``eval_batch_arg_name``: the attribute ``val_dataloader()`` reads its batch size from; it is set
+        from a plan of its own (``mode="eval"``: ``validation_step`` forward only), apart from training."""
         if lr_rule not in (None, "linear", "sqrt"):
             raise ValueError(f"gaccum: lr_rule must be None, 'linear' or 'sqrt', got {lr_rule!r}")
         self.target_bs, self.memory_limit, self.headroom = target_bs, memory_limit, headroom
         self.batch_arg_name, self.lr_rule, self.base_bs = batch_arg_name, lr_rule, base_bs
+        self.eval_batch_arg_name = eval_batch_arg_name
         self.plan_kwargs = plan_kwargs
         self.plan: Optional[Plan] = None
+        self.eval_plan: Optional[Plan] = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
@@ -72,9 +77,7 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
         if size is not None and size < target:
             target = size  # as Lightning's finder: nothing larger than the data can be a batch
 
-        def sample(b: int) -> Any:
-            batch = next(iter(torch.utils.data.DataLoader(loader.dataset, batch_size=b, collate_fn=loader.collate_fn)))
-            return pl_module.transfer_batch_to_device(batch, device, 0)
+        sample = _sampler(loader, pl_module, device)
 
         def loss_fn(module: Any, batch: Any) -> torch.Tensor:
             out = module.training_step(batch, 0)
@@ -94,7 +97,25 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
         if self.lr_rule is not None and optimizer is not None:
             self._scale_lr(trainer, optimizer, p, self.base_bs or before)
         self.plan = p
+        if self.eval_batch_arg_name is not None:
+            self._plan_eval(pl_module, source, device, target)
         rank_zero_info(f"{p}\ngaccum: {self.batch_arg_name}={micro}, accumulate_grad_batches={steps}")
+
+    def _plan_eval(self, pl_module: Any, source: Any, device: torch.device, target: int) -> None:
+        from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+
+        name = self.eval_batch_arg_name
+        if not lightning_hasattr(pl_module, name):
+            raise ValueError(f"gaccum: GaccumPlanner(eval_batch_arg_name={name!r}) sets `{name}` on the module or "
+                             "datamodule, and neither has it; add it and read it in val_dataloader()")
+        loader = source.val_dataloader()
+        with _quiet_logging(pl_module):
+            ev = make_plan(pl_module, target_bs=target, mode="eval", sample=_sampler(loader, pl_module, device),
+                           loss_fn=lambda m, batch: m.validation_step(batch, 0), memory_limit=self.memory_limit,
+                           headroom=self.headroom, **self.plan_kwargs)
+        lightning_setattr(pl_module, name, ev.max_micro_batch)
+        self.eval_plan = ev
+
 
     def _scale_lr(self, trainer: Any, optimizer: Any, p: Plan, base: Optional[int]) -> None:
         """The LR by rule, everywhere torch keeps it: the param groups and each scheduler's base_lrs."""
@@ -105,6 +126,16 @@ class GaccumPlanner(_Base):  # type: ignore[misc,valid-type]
         for extra in schedulers[1:]:
             extra.base_lrs = [lr * factor for lr in extra.base_lrs]
         p.notes.append(f"learning rate x {factor:.4g} ({self.lr_rule} rule from a batch of {base})")
+
+
+def _sampler(loader: Any, pl_module: Any, device: torch.device) -> Any:
+    """``sample(b)``: the first b samples of the loader's dataset, through its collate function, on the device."""
+
+    def sample(b: int) -> Any:
+        batch = next(iter(torch.utils.data.DataLoader(loader.dataset, batch_size=b, collate_fn=loader.collate_fn)))
+        return pl_module.transfer_batch_to_device(batch, device, 0)
+
+    return sample
 
 
 def _dataset_size(dataset: Any) -> Optional[int]:
