@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import gaccum  # noqa: E402
 from gaccum import ops  # noqa: E402
 
 EDGES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 4095, 4097, 65535, 65536, 65537, 3 * 65536 + 7]

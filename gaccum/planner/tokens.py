@@ -17,13 +17,16 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .._checks import is_int
 from .plan import plan
+
+if TYPE_CHECKING:
+    from ..token_data import TokenWindowLoader
 
 
 @dataclass
