@@ -29,6 +29,7 @@ from torch import nn
 
 from .._checks import warn_user
 from .._dist import world_size
+from ..batch import batch_size
 from ..schedule import AccumulationSchedule
 from . import checkpoint
 from .boundary import StepResult
@@ -72,6 +73,8 @@ class AccumulationHook:
         core.window.ref_total, core.window.fixed_ref = 1.0, True  # raw gradients are summed: R = 1 for good
         self.scaler, self.params = core.scaler, core.params
         self.paused = False
+        self.model = model if isinstance(model, nn.Module) else None
+        self._fed: Optional[int] = None  # the samples this micro-step's forward was fed (with model=)
         self.stash: dict[torch.Tensor, torch.Tensor] = {}  # the window without masters, out of zero_grad's reach
         self._moved_back: set[torch.Tensor] = set()
         self._unscaled = False
@@ -102,9 +105,10 @@ class AccumulationHook:
                                  for name in ("step", "update", "unscale_")}
         if scheduler is not None:
             self._orig_sched_step = td.patch(scheduler, "step", self._scheduler_step)
+        if self.model is not None:
+            td.handles([self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)])
         if self.ddp is not None:
             ddp = self.ddp
-            td.handles([ddp.register_forward_pre_hook(self._before_forward)])
             td.add(lambda: setattr(ddp, "require_backward_grad_sync", True))
         self._set_sync()
 
@@ -122,12 +126,17 @@ class AccumulationHook:
             return None
         self._moved_back.add(p)
         held = self.stash.pop(p, None)
-        return (grad if held is None else grad + held) / (self.core.micro + 1)
+        n = self._n()
+        weighted = grad if n == 1.0 else grad * n
+        return (weighted if held is None else weighted + held) / (self.core.window.items + n)
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         """After autograd accumulated p's gradient between boundaries: into the window, out of .grad."""
         if p.grad is None or not self._active() or self.core.window.next_is_last():
             return
+        n = self._n()
+        if n != 1.0:
+            p.grad.mul_(n)  # weighted by its samples (with model=): the window is their mean
         held = self.stash.get(p)
         if held is None:
             self.stash[p] = p.grad  # steal the tensor: nothing copied
@@ -144,16 +153,31 @@ class AccumulationHook:
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = self.core.masters is not None or self.core.window.next_is_last()
 
-    def _before_forward(self, module: nn.Module, args: Any) -> None:
-        """Under DDP, before each training forward: every rank must be at the same micro-step."""
-        if torch.is_grad_enabled() and module.training and self._active():
+    def _before_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Before each training forward (with model=): under DDP every rank must be at the same micro-step;
+        the micro-step's first forward says how many samples it holds, which weighs it."""
+        if not (torch.is_grad_enabled() and module.training and self._active()):
+            return
+        if self.ddp is not None:
             self.core.check_ranks(MICRO_STEP)
+        if self._fed is None:
+            try:
+                self._fed = batch_size((args, kwargs))
+            except ValueError:
+                return
+            if self.core.masters is not None:
+                self.core.masters.set_inv_scale(float(self._fed))
 
-    def _stash_to_grad(self, k: int) -> None:
-        """What is still in the window (a partial one, or parameters the last backward did not reach)."""
+    def _n(self) -> float:
+        """This micro-step's weight: its samples with model=, else 1 (every micro-batch the same)."""
+        return float(self._fed) if self._fed is not None else 1.0
+
+    def _stash_to_grad(self, total: float) -> None:
+        """What is still in the window (a partial one, or parameters the last backward did not reach),
+        divided by the window's total weight."""
         with torch.no_grad():
             for p, held in self.stash.items():
-                p.grad = held.div_(k) if p.grad is None else p.grad.add_(held.div_(k))
+                p.grad = held.div_(total) if p.grad is None else p.grad.add_(held.div_(total))
         self.stash = {}
 
     def _micro_end(self) -> StepResult:
@@ -163,11 +187,12 @@ class AccumulationHook:
         if core.watch.open:  # the last backward raised and the loop stepped anyway
             core.abort_backward()
             return core.last_result or core.micro_result()
-        last = core.window.next_is_last()
+        last, n = core.window.next_is_last(), self._n()
+        self._fed = None
         core.begin_micro()
         if last and core.masters is None:
-            self._stash_to_grad(core.micro + 1)
-        result = core.end_micro(1.0, synced=core.masters is not None or last, items_mode=False,
+            self._stash_to_grad(core.window.items + n)
+        result = core.end_micro(n, synced=core.masters is not None or last, items_mode=False,
                                 already_mean=core.masters is None, unscaled_by_user=self._unscaled)
         self._set_sync()
         return result
@@ -224,7 +249,7 @@ class AccumulationHook:
             core.discard()
             return None
         if core.masters is None:
-            self._stash_to_grad(core.micro)
+            self._stash_to_grad(core.window.items)
         result = core.end_window(partial=True, already_mean=core.masters is None)
         self._set_sync()
         return result
@@ -261,6 +286,8 @@ def hook(
 ) -> AccumulationHook:
     """Make an unchanged per-micro-batch loop accumulate ``accum_steps`` micro-batches per step.
 
+    With ``model=`` (the module the loop calls), each micro-batch is weighed by the samples its forward
+    is fed, so a short last micro-batch is weighed exactly; without it every micro-batch weighs the same.
     ``accum_steps`` may be a schedule, ``{0: 4, 1000: 8}``, as for :class:`Accumulator`. Under DDP pass
     ``model=ddp_model``: DDP then reduces once per window (the last micro-step), as under ``no_sync``,
     and every rank must call ``flush()`` for a partial last window.

@@ -244,3 +244,25 @@ def test_hook_with_the_ddp_model_reduces_once_per_window_and_equals_the_global_b
         assert steps == 3 and flushed
         assert reductions == 2  # one bucket, once per full window (the partial one is flush()'s own)
         assert max_abs_diff(params, ref.parameters()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_with_the_model_the_hook_weighs_a_short_micro_batch_by_its_size(dtype):
+    x, y = regression_data(22)  # windows of 4 x 4 = 16, then 4 + 2 flushed
+    if dtype == torch.float64:
+        ref, xr, yr = mlp(), x, y
+    else:  # the bf16 model against FP32 training on the same bf16-rounded data
+        ref, xr, yr = mlp(torch.float32), x.bfloat16().float(), y.bfloat16().float()
+    large_batch(ref, torch.optim.SGD(ref.parameters(), lr=0.1), [(xr[:16], yr[:16]), (xr[16:], yr[16:])])
+    ours = mlp(torch.float32).to(dtype) if dtype != torch.float64 else mlp()
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    h = gaccum.hook(opt, accum_steps=K, model=ours, max_grad_norm=1e9 if dtype != torch.float64 else None)
+    for xb, yb in chunks(x.to(dtype), y.to(dtype), MICRO):
+        F.mse_loss(ours(xb).double(), yb.double()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert h.flush().stepped and h.optimizer_steps == 2
+    if dtype == torch.float64:  # was a mean of the two micro-batch means: the 2-sample one weighed as 4
+        assert max_abs_diff(ours.parameters(), ref.parameters()) < 1e-12
+    else:
+        assert max_rel_diff(ours.parameters(), ref.parameters()) < 3e-2
