@@ -18,8 +18,11 @@ instead of running to its end (or taking the machine's RAM with it).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import weakref
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -166,11 +169,13 @@ class AllocatorEvents:
         from torch.profiler import ProfilerActivity, profile
 
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._prof.__enter__()
+        with _quiet_native_stderr():  # kineto prints a line at every start and stop
+            self._prof.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._prof.__exit__(*exc)
+        with _quiet_native_stderr():
+            self._prof.__exit__(*exc)
         # the allocator's events in time order (torch's own memory profiler reads them the same way)
         events = sorted((e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                         key=lambda e: e.start_ns())
@@ -179,3 +184,22 @@ class AllocatorEvents:
             cur += e.nbytes()
             peak = max(peak, cur)
         self.peak = peak
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Native code's stderr (file descriptor 2) to /dev/null for a moment: the profiler's start and stop
+    lines ("USDT: ... profiler_start") are noise in a plan's output. Python's own stderr is untouched."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
