@@ -185,6 +185,13 @@ void launch_tables(const uintptr_t* grads, const uintptr_t* masters, const int64
                    const uint8_t* dtypes, size_t count, uintptr_t inv_scale, uintptr_t found_inf,
                    uintptr_t sq_norm, bool overwrite, bool zero_grad, uintptr_t stream_handle) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  // An error left by earlier work (torch's kernels, an earlier launch) is said as such, never reported
+  // as this launch's failure.
+  const cudaError_t earlier = cudaGetLastError();
+  if (earlier != cudaSuccess) {
+    throw std::runtime_error(std::string("gaccum: a CUDA error was pending before gaccum's launch (from earlier "
+                                         "work, not gaccum's kernel): ") + cudaGetErrorString(earlier));
+  }
   TensorTable table;
   int nt = 0, nb = 0;
   auto flush = [&]() {

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data import default_collate
 
 from . import _dist
-from .planner.window import Window
+from .windows import Window
 
 from ._checks import is_int
 

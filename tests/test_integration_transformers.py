@@ -134,3 +134,19 @@ def test_the_eval_batch_is_planned_apart_and_the_trainer_evaluates_with_it(tmp_p
     assert any("eval batch" in n for n in plan.notes)
     trainer = transformers.Trainer(model=model, args=new, train_dataset=data, eval_dataset=data, data_collator=collate)
     assert "eval_loss" in trainer.evaluate()
+
+
+def test_a_stream_is_planned_from_its_first_examples_without_len(tmp_path):
+    from torch.utils.data import IterableDataset
+
+    data = dataset()
+
+    class Stream(IterableDataset):  # no len(), no indexing: read in order
+        def __iter__(self):
+            return iter(data)
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1,
+                                          save_strategy="no")
+    new, plan = plan_training_arguments(tiny_gpt2(), args, Stream(), collate, target_bs=32, memory_limit="6MiB",
+                                        headroom=0, cache=False, return_plan=True, longest=64)
+    assert new.per_device_train_batch_size <= plan.max_micro_batch and plan.max_micro_batch < 32

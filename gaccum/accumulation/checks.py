@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from .._checks import is_int
+from ..windows import Window
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -93,17 +94,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+class SavedPlan:
+    """What the Accumulator reads of a plan saved with ``Plan.to_dict()``: steps, window, master_grads."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.accum_steps = d["accum_steps"]
+        self.window = Window.of(d["window"])
+        self.master_grads = d.get("master_grads")
+
+
 def check_plan(plan: Any) -> Any:
-    """A gaccum Plan (or None); a plan saved with ``to_dict()`` is read back with ``Plan.from_dict``."""
+    """A gaccum Plan (or None); a plan saved with ``to_dict()`` is read as it was saved."""
     if plan is None:
         return None
     if hasattr(plan, "accum_steps") and hasattr(plan, "window"):
         return plan
     if isinstance(plan, dict):
-        from ..planner import Plan  # the planner imports this package's checks: resolved at call time
-
         try:
-            return Plan.from_dict(plan)
+            return SavedPlan(plan)
         except (KeyError, TypeError) as exc:
             raise TypeError(f"gaccum: plan= got a dict that is not a saved plan ({exc}); pass the gaccum.Plan that "
                             "gaccum.plan(...) returns, or its to_dict()") from exc

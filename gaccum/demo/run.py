@@ -19,7 +19,7 @@ from ..lr import scale_lr
 from ..memory import format_bytes
 from ..metrics import MetricsLogger
 from ..planner import plan as make_plan
-from ..planner.window import Window
+from ..windows import Window
 from ..verify import verify
 from .model import Sampler, TinyGPT, lm_loss, load_corpus
 

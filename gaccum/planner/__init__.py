@@ -7,7 +7,7 @@ probe.py   Snapshot (saves and restores model, optimizer, RNG), Rig (what a wind
 search.py  from one or two probes to the largest size that fits, confirmed at b and b + 1; balanced windows
 cache.py   plans kept by model, optimizer, shapes and settings
 tokens.py  plan_tokens: the largest micro-batch per sequence length from two measured lengths (token budgets)
-window.py  a window as (size, count) runs
+(gaccum/windows.py: a window as (size, count) runs, shared with the Accumulator and the loaders)
 """
 
 from .plan import Plan, PlanError, plan

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._checks import is_int
-from .._dist import all_reduce_scalars, ranks_agree, world_size
+from .._dist import ranks_agree, spread, world_size
 from ..accounting import AllocatorEvents, LiveBytes
 from ..accumulation import is_oom, resolve_master_grads, trained_params
 from ..batch import batch_tensors
@@ -33,7 +33,7 @@ from .probe import (AMP_DTYPES, EvalRig, ProbeResult, Rig, Snapshot, cuda_peak, 
                     probe_tracked)
 from .result import Plan, PlanError, does_not_fit
 from .search import height, search
-from .window import Window, balanced_window
+from ..windows import Window, balanced_window
 
 __all__ = ["Plan", "PlanError", "plan"]
 
@@ -304,9 +304,9 @@ def _report(req: _Request, bud: budget_phase.Budget, window: Window, best: int, 
 
 # --------------------------------------------------------------------------- helpers
 def _agree(result: ProbeResult, device: torch.device) -> ProbeResult:
-    """Under torch.distributed an OOM on any rank is an OOM for all, so ranks never diverge."""
-    bad, peak = all_reduce_scalars([0.0 if result.fit else 1.0, result.peak if result.peak is not None else -1],
-                                   device, op=dist.ReduceOp.MAX)
+    """Under torch.distributed an OOM on any rank is an OOM for all, so ranks never diverge: every rank
+    takes the largest peak and fits only where all fit (one all-reduce, _dist.spread)."""
+    (_, bad), (_, peak) = spread([0.0 if result.fit else 1.0, result.peak if result.peak is not None else -1], device)
     return ProbeResult(result.batch, None if peak < 0 or result.peak is None else int(peak), bad == 0.0,
                        result.seconds, result.oom or bad > 0, result.activation_peak, result.static)
 

@@ -10,7 +10,7 @@ import torch
 from ..lr import scale_lr as _scale_lr
 from ..memory import format_bytes
 from .probe import ProbeResult
-from .window import Window
+from ..windows import Window
 
 
 class PlanError(RuntimeError):

@@ -15,7 +15,7 @@ import gaccum
 from helpers import free_port, largest_under, steady_state_peak
 from gaccum.planner.probe import ProbeResult
 from gaccum.planner.search import search
-from gaccum.planner.window import balanced_window
+from gaccum.windows import balanced_window
 
 
 @pytest.fixture(autouse=True)
