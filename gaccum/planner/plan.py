@@ -18,19 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._checks import is_int
 from .._dist import ranks_agree, spread, world_size
-from ..accounting import AllocatorEvents, LiveBytes
 from ..accumulation import is_oom, resolve_master_grads, trained_params
 from ..batch import batch_tensors
 from ..memory import format_bytes
 from . import budget as budget_phase
 from . import cache as plan_cache
-from .probe import (AMP_DTYPES, EvalRig, ProbeResult, Rig, Snapshot, cuda_peak, fits, optimizer_like, probe_cuda,
-                    probe_tracked)
+from .probe import (AMP_DTYPES, CudaMeter, EvalRig, ProbeResult, Rig, Snapshot, TrackedMeter, fits, optimizer_like,
+                    probe_cuda, probe_tracked)
 from .result import Plan, PlanError, does_not_fit
 from .search import height, search
 from ..windows import Window, balanced_window
@@ -388,27 +386,21 @@ def _samples_per_second(rig: Rig, sample, loss_fn, b: int, snapshot: Snapshot, r
 
 
 def _soak_fits(rig: Rig, sample, loss_fn, n: int, size: int, steps: int, budget: int, device: torch.device) -> bool:
-    """``n`` micro-steps at ``size`` in windows of ``steps``, measured as a probe measures (on CPU the live
-    tensors, which stop it over the budget, and the allocator's own events; on CUDA the allocator's peak)."""
-    on_cpu = device.type != "cuda"
-    meter = LiveBytes(budget).track(rig.model, *rig.tracked()) if on_cpu else None
-    events = AllocatorEvents() if on_cpu and rig.fsdp is None else None  # as the probe (FSDP2: tensors only)
-    base = meter.live if meter is not None else 0
-    if not on_cpu:
-        torch.cuda.reset_peak_memory_stats(device)
+    """``n`` micro-steps at ``size`` in windows of ``steps``, measured by the probe's own meter."""
+    meter = CudaMeter(device) if device.type == "cuda" else TrackedMeter(rig, budget)
     try:
-        with meter if meter is not None else contextlib.nullcontext(), \
-                events if events is not None else contextlib.nullcontext():
+        with meter.measuring():
             for left in range(n, 0, -steps):  # windows of micro-steps, the last one short
                 rig.step(sample, loss_fn, size, check=False, micro=min(left, steps))
     except Exception as exc:  # noqa: BLE001 - OOM means "step down"; anything else is the user's
-        if not is_oom(exc):
+        if not meter.is_oom(exc):
             raise
+        meter.after_oom()
         rig.settle()
         return False
-    if meter is None:
-        return fits(cuda_peak(device), budget)
-    return fits(max(meter.peak, base + events.peak if events is not None else 0), budget)
+    ok = fits(meter.peak(), budget)
+    meter.done()
+    return ok
 
 
 def _soak(rig: Rig, sample, loss_fn, n: int, window: Window, per_rank: int, uneven: bool, budget: int,

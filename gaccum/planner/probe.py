@@ -338,75 +338,118 @@ def cuda_peak(device: torch.device, sync: bool = True) -> int:
     return max(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device))
 
 
-def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> ProbeResult:
-    """Two micro-steps and the optimizer step, with no cache emptied between them, so fragmentation shows."""
-    device = rig.device
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    phases: dict[str, int] = {}
+class CudaMeter:
+    """The caching allocator's own statistics: two micro-steps and the optimizer step with no cache emptied
+    between them, so fragmentation shows; an out-of-memory error (cuBLAS/cuDNN's too) is a measured no."""
 
-    def on_phase(name: str) -> None:
-        torch.cuda.synchronize(device)
+    micro = 2
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.phases: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        torch.cuda.synchronize(self.device)
+
+    def on_phase(self, name: str) -> None:
+        torch.cuda.synchronize(self.device)
         if name == "forward":
-            phases["static"] = torch.cuda.memory_allocated(device)
+            self.phases["static"] = torch.cuda.memory_allocated(self.device)
         else:
-            phases["act"] = cuda_peak(device, sync=False)
+            self.phases["act"] = cuda_peak(self.device, sync=False)
 
+    def is_oom(self, exc: BaseException) -> bool:
+        return is_oom(exc)
+
+    def peak(self) -> int:
+        return cuda_peak(self.device, sync=False)
+
+    def after_oom(self) -> None:
+        gc.collect()  # the failed step's frames hold tensors until collected
+
+    def done(self) -> None:
+        torch.cuda.empty_cache()
+
+
+class TrackedMeter:
+    """CPU and fake tensors: LiveBytes counts every storage and stops at the budget; on real CPU tensors the
+    allocator's own events also count the scratch operators allocate inside, and the larger peak counts.
+    Under FSDP2 a probe runs collectives: one rank stopping early would leave the others waiting, so every
+    rank runs to the end (and gloo's threads allocate too: there the tensor count is the measure)."""
+
+    micro = 1
+
+    def __init__(self, rig: Any, budget: int, fake_mode: Any = None) -> None:
+        self.live = LiveBytes(None if rig.fsdp is not None else int(budget * PROBE_MARGIN))
+        self.live.track(rig.model, *rig.tracked())
+        self.base = self.live.live
+        real_cpu = fake_mode is None and rig.device.type == "cpu" and rig.fsdp is None
+        self.events = AllocatorEvents() if real_cpu else None
+        self.fake_mode = fake_mode
+        self.phases: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext(), self.live, \
+                self.events if self.events is not None else contextlib.nullcontext():
+            yield
+
+    def on_phase(self, name: str) -> None:
+        if name == "forward":
+            self.phases["static"] = self.live.live
+            self.live.reset_peak()
+        else:
+            self.phases["act"] = self.live.peak
+
+    def is_oom(self, exc: BaseException) -> bool:
+        return isinstance(exc, torch.OutOfMemoryError)
+
+    def peak(self) -> int:
+        # LiveBytes' peak is reset at the forward, so it already covers the activations
+        return max(self.live.peak, self.base + self.events.peak if self.events is not None else 0)
+
+    def after_oom(self) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+def probe(rig: Any, sample, loss_fn, b: int, budget: int, snapshot: Optional[Snapshot], meter: Any) -> ProbeResult:
+    """One probe at b, measured by ``meter`` (CudaMeter or TrackedMeter): out of memory is an answer, any
+    other error the user's; the weights come back; ``fits`` decides."""
     t0 = time.perf_counter()
     oom = False
     try:
-        rig.step(sample, loss_fn, b, micro=2, on_phase=on_phase)
-        torch.cuda.synchronize(device)
+        with meter.measuring():
+            rig.step(sample, loss_fn, b, micro=meter.micro, on_phase=meter.on_phase)
     except Exception as exc:  # noqa: BLE001 - OOM is an answer, anything else is re-raised
-        if not is_oom(exc):
+        if not meter.is_oom(exc):
             raise
         oom = True
     seconds = time.perf_counter() - t0
-    peak = None if oom else cuda_peak(device, sync=False)
+    peak = None if oom else meter.peak()
     if oom:
-        gc.collect()  # the failed step's frames hold tensors until collected
+        meter.after_oom()
         rig.settle()
-    torch.cuda.empty_cache()
-    snapshot.restore_weights()
-    fit = (not oom) and fits(peak, budget)
-    return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
+    meter.done()
+    if snapshot is not None:
+        snapshot.restore_weights()
+    return ProbeResult(b, peak, fits(peak, budget), seconds, oom, meter.phases.get("act") if not oom else None,
+                       meter.phases.get("static"))
+
+
+def probe_cuda(rig: Rig, sample, loss_fn, b, budget, snapshot: Snapshot) -> ProbeResult:
+    """A probe on a GPU (CudaMeter)."""
+    return probe(rig, sample, loss_fn, b, budget, snapshot, CudaMeter(rig.device))
 
 
 def probe_tracked(rig: Rig, sample, loss_fn, b, budget, snapshot: Optional[Snapshot],
                   fake_mode: Any = None) -> ProbeResult:
-    """CPU (or fake-tensor) probe: LiveBytes counts every storage and stops at the budget; on CPU the
-    allocator's own events also count the scratch operators allocate inside, and the larger peak counts."""
-    # Under FSDP2 a probe runs collectives: one rank stopping early would leave the others waiting,
-    # so every rank runs its probe to the end and the verdict comes after.
-    meter = LiveBytes(None if rig.fsdp is not None else int(budget * PROBE_MARGIN))
-    meter.track(rig.model, *rig.tracked())
-    phases: dict[str, int] = {}
-
-    def on_phase(name: str) -> None:
-        if name == "forward":
-            phases["static"] = meter.live
-            meter.reset_peak()
-        else:
-            phases["act"] = meter.peak
-
-    base = meter.live
-    # FSDP2's collectives allocate in gloo's threads too; there the tensor count is the measure
-    events = AllocatorEvents() if fake_mode is None and rig.device.type == "cpu" and rig.fsdp is None else None
-    t0 = time.perf_counter()
-    oom = False
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        try:
-            with meter, events if events is not None else contextlib.nullcontext():
-                rig.step(sample, loss_fn, b, on_phase=on_phase)
-        except torch.OutOfMemoryError:
-            oom = True
-            rig.settle()
-    seconds = time.perf_counter() - t0
-    if snapshot is not None:
-        snapshot.restore_weights()
-    # LiveBytes' peak is reset at the forward, so it already covers the activations
-    peak = None if oom else max(meter.peak, base + events.peak if events is not None else 0)
-    fit = fits(peak, budget)
-    return ProbeResult(b, peak, fit, seconds, oom, phases.get("act") if not oom else None, phases.get("static"))
-
+    """A probe on CPU or fake tensors (TrackedMeter)."""
+    return probe(rig, sample, loss_fn, b, budget, snapshot, TrackedMeter(rig, budget, fake_mode))
