@@ -129,13 +129,13 @@ __device__ __forceinline__ void process_chunk(const T* __restrict__ g_base,
 
 __global__ void __launch_bounds__(kBlockThreads)
 unscale_check_accumulate_kernel(const TensorTable table, const float* __restrict__ inv_scale_ptr,
-                                float* __restrict__ found_inf, float* __restrict__ sq_norm,
+                                float* __restrict__ found_inf, float* __restrict__ partials,
                                 int overwrite, int zero_grad) {
   const int t = table.block_tensor[blockIdx.x];
   const int64_t chunk = table.block_chunk[blockIdx.x];
   const int64_t n = table.sizes[t];
   const float inv_scale = *inv_scale_ptr;
-  const bool want_norm = sq_norm != nullptr;
+  const bool want_norm = partials != nullptr;
   bool bad = false;
   float sq = 0.f;
   switch (table.dtypes[t]) {
@@ -165,9 +165,25 @@ unscale_check_accumulate_kernel(const TensorTable table, const float* __restrict
     if (warp == 0) {
       sq = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.f;
       for (int off = 16; off > 0; off >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, off);
-      if (lane == 0) atomicAdd(sq_norm, sq);
+      if (lane == 0) partials[blockIdx.x] = sq;  // summed in a fixed order after the launches: reproducible
     }
   }
+}
+
+// The squared norm's second stage: one block adds the per-block partial sums in a fixed order (each thread a
+// fixed stride, then a fixed tree), so the result is the same bits whatever order the blocks ran in.
+__global__ void __launch_bounds__(kBlockThreads)
+sum_partials_kernel(const float* __restrict__ partials, int64_t count, float* __restrict__ sq_norm) {
+  __shared__ float part[kBlockThreads];
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = kBlockThreads / 2; half > 0; half >>= 1) {
+    if ((int)threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *sq_norm += part[0];
 }
 
 void check(cudaError_t err, const char* what) {
@@ -192,14 +208,25 @@ void launch_tables(const uintptr_t* grads, const uintptr_t* masters, const int64
     throw std::runtime_error(std::string("gaccum: a CUDA error was pending before gaccum's launch (from earlier "
                                          "work, not gaccum's kernel): ") + cudaGetErrorString(earlier));
   }
+  // With a norm asked for, every block writes its partial sum to a scratch array (stream-ordered), added up
+  // by one more small launch at the end.
+  float* partials = nullptr;
+  int64_t total_blocks = 0, written = 0;
+  if (sq_norm != 0) {
+    for (size_t i = 0; i < count; ++i) total_blocks += (sizes[i] + kChunkSize - 1) / kChunkSize;
+    if (total_blocks > 0)
+      check(cudaMallocAsync(reinterpret_cast<void**>(&partials), total_blocks * sizeof(float), stream),
+            "allocating the norm's partial sums");
+  }
   TensorTable table;
   int nt = 0, nb = 0;
   auto flush = [&]() {
     if (nb == 0) return;
     unscale_check_accumulate_kernel<<<nb, kBlockThreads, 0, stream>>>(
         table, reinterpret_cast<const float*>(inv_scale), reinterpret_cast<float*>(found_inf),
-        reinterpret_cast<float*>(sq_norm), overwrite ? 1 : 0, zero_grad ? 1 : 0);
+        partials != nullptr ? partials + written : nullptr, overwrite ? 1 : 0, zero_grad ? 1 : 0);
     check(cudaGetLastError(), "kernel launch");
+    written += nb;
     nt = 0;
     nb = 0;
   };
@@ -236,6 +263,11 @@ void launch_tables(const uintptr_t* grads, const uintptr_t* masters, const int64
     if (nt == kMaxTensors) flush();
   }
   flush();
+  if (partials != nullptr) {
+    sum_partials_kernel<<<1, kBlockThreads, 0, stream>>>(partials, total_blocks, reinterpret_cast<float*>(sq_norm));
+    check(cudaGetLastError(), "norm reduction launch");
+    check(cudaFreeAsync(partials, stream), "freeing the norm's partial sums");
+  }
 }
 
 void launch_unscale_check_accumulate(const std::vector<uintptr_t>& grads,

@@ -44,8 +44,19 @@ const char* cudaGetErrorString(cudaError_t err) {
   switch (err) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated launch)";
+    case cudaErrorMemoryAllocation: return "out of memory (emulated allocation)";
     default: return "unspecified launch failure (emulated launch)";
   }
+}
+
+cudaError_t cudaMallocAsync(void** ptr, std::size_t bytes, cudaStream_t /*stream*/) {
+  *ptr = std::malloc(bytes ? bytes : 1);
+  return *ptr != nullptr ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t /*stream*/) {
+  std::free(ptr);
+  return cudaSuccess;
 }
 
 cudaError_t cudaGetDeviceCount(int* n) {

@@ -128,10 +128,15 @@ inline float atomicExch(float* addr, float v) {
 
 // ---- the runtime API the kernel's host code uses -------------------------------------------------
 using cudaStream_t = void*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 4 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidConfiguration = 9,
+                   cudaErrorLaunchFailure = 4 };
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t err);
 cudaError_t cudaGetDeviceCount(int* n);
+// Stream-ordered allocation: the emulated device runs every launch to its end before returning, so host
+// memory with the stream ignored is the same order.
+cudaError_t cudaMallocAsync(void** ptr, std::size_t bytes, cudaStream_t stream);
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream);
 
 namespace gaccum_emu {
 

@@ -43,6 +43,11 @@ PLANTED = [
      "for (int off = 16; off > 0; off >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, off);\n    const int lane",
      "for (int off = 8; off > 0; off >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, off);\n    const int lane",
      "asan", ["--quick"]),
+    ("the norm's second stage skips the last partial sum",
+     "for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];",
+     "for (int64_t i = threadIdx.x; i < count - 1; i += blockDim.x) acc += partials[i];", "asan", ["--quick"]),
+    ("the norm's partials written where the next launch writes its own", "partials != nullptr ? partials + written : nullptr",
+     "partials", "asan", ["--quick"]),
     ("the product and the sum contracted into an FMA", "return __fadd_rn(m, __fmul_rn(g, s));",
      "return m + g * s;", "fma", ["--quick"]),
 ]
