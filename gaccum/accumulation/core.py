@@ -43,8 +43,10 @@ class AccumulationCore:
                  accum_steps: int | dict[int, int] | AccumulationSchedule, *, scaler: Any = None,
                  scheduler: Any = None, max_grad_norm: Optional[float] = None, master_grads: bool | str = "auto",
                  nonfinite: str = "discard", distributed: bool = False, sharded: bool = False,
-                 names: Optional[dict[int, str]] = None, real_step: Optional[Callable[[], Any]] = None) -> None:
-        """Checks every argument before touching anything; ``owner`` is the public front-end."""
+                 names: Optional[dict[int, str]] = None, real_step: Optional[Callable[[], Any]] = None,
+                 guard_backward: bool = False) -> None:
+        """Checks every argument before touching anything; ``owner`` is the public front-end;
+        ``guard_backward``: the front-end does not run the backward itself (the hook)."""
         check_optimizer(optimizer)
         check_unclaimed(optimizer)
         self.schedule = as_schedule(accum_steps)
@@ -79,7 +81,7 @@ class AccumulationCore:
         self.masters: Optional[MasterGrads] = None
         self.master_weights: Optional[MasterWeights] = None
         if use_masters:
-            self.masters = MasterGrads(self.params, watch=self.watch)
+            self.masters = MasterGrads(self.params, watch=self.watch, guard_backward=guard_backward)
             self.teardown.add(self.masters.remove)
             self.master_weights = MasterWeights(optimizer, self.params)
             self.teardown.add(self.master_weights.restore)

@@ -65,7 +65,8 @@ class AccumulationHook:
         real_step = optimizer.step
         self.core = core = AccumulationCore(
             self, params, optimizer, accum_steps, scaler=scaler, scheduler=scheduler, max_grad_norm=max_grad_norm,
-            master_grads=master_grads, distributed=self.ddp is not None, real_step=lambda: real_step())
+            master_grads=master_grads, distributed=self.ddp is not None, real_step=lambda: real_step(),
+            guard_backward=True)
         if self.ddp is not None and core.masters is not None:
             core.close()  # the one teardown: the optimizer gets its parameters back
             raise ValueError("gaccum: hook(model=ddp_model) with half-precision parameters (FP32 masters) is not "

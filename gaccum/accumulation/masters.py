@@ -83,7 +83,10 @@ class MasterGrads:
     """One flat FP32 buffer holding the accumulated gradient of ``params``."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: Optional[int] = None,
-                 watch: Optional[BackwardWatch] = None) -> None:
+                 watch: Optional[BackwardWatch] = None, guard_backward: bool = False) -> None:
+        """``guard_backward``: the user runs the backward (the hook), so a backward that raised is noticed
+        by a gradient pre-hook before a new backward can add to its pending gradients; the Accumulator runs
+        the backward itself and catches it, and spares the hot path that hook."""
         devices = {p.device for p in params}
         if len(devices) != 1:
             raise ValueError(
@@ -110,10 +113,11 @@ class MasterGrads:
         self._fused = fused_masters(self.views, [p.dtype for p in self.params], self.found_inf, self._inv_scale)
         self._ready: dict[bool, tuple[list[int], list[int], list[torch.Tensor]]] = {True: ([], [], []),
                                                                                     False: ([], [], [])}
-        # the watch runs before autograd accumulates: a failed backward's pending gradients are dropped
-        # before a new backward could add to them
-        self.handles = [h for p in self.params for h in (p.register_hook(self._before_accumulate),
-                                                         p.register_post_accumulate_grad_hook(self._hook))]
+        # with guard_backward the watch runs before autograd accumulates: a failed backward's pending
+        # gradients are dropped before a new backward could add to them
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        if guard_backward:
+            self.handles += [p.register_hook(self._before_accumulate) for p in self.params]
         LIVE_MOVERS.add(self)
 
     # -- hooks ------------------------------------------------------------
@@ -132,6 +136,9 @@ class MasterGrads:
 
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None or self.paused:
+            return
+        self.watch.seen()  # queues the end-of-backward flush (a no-op after the pre-hook's own call)
+        if p.grad is None:  # a failure seen only now (a backward run outside gaccum): the window went with it
             return
         if p in self.skip:  # already in from an attempt that ran out of memory (micro_batch.py)
             p.grad = None
