@@ -158,35 +158,32 @@ def _plots(out: Path, big: dict, small: dict, plan_obj, budget: int, reference: 
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    # the two runs feed the same micro-batches, so their peaks coincide: one panel each, one y scale
     mib = 1 / 2**20
-    # the two runs feed the same micro-batches, so their peaks coincide: a wide pale band for one, a thin
-    # dashed line with markers for the other, and the legend says so
-    ax.plot(range(1, len(big["micro_peaks"]) + 1), [p * mib for p in big["micro_peaks"]], color="tab:blue",
-            linewidth=6, alpha=0.35, solid_capstyle="butt",
-            label="accumulated run: peak per micro-step (forward + backward)")
-    ax.plot(range(1, len(small["micro_peaks"]) + 1), [p * mib for p in small["micro_peaks"]], "--.",
-            color="tab:orange", linewidth=1.0, markersize=4,
-            label=f"baseline ({small_label}): peak per step (the same micro-batches)")
-    levels = [budget] + big["micro_peaks"] + small["micro_peaks"]
-    ax.axhline(budget * mib, color="tab:red", linestyle="--", label=f"planner budget ({format_bytes(budget)})")
-    if reference_peak:
-        levels.append(reference_peak)
-        ax.axhline(reference_peak * mib, color="black", linestyle="-", linewidth=1.6,
-                   label=f"one batch of {plan_obj.effective_batch_size}, no accumulation ({format_bytes(reference_peak)})")
-    if big["master_grad_bytes"]:  # only a half-precision model keeps FP32 masters
-        ax.axhline(big["master_grad_bytes"] * mib, color="tab:green", linestyle=":",
-                   label=f"FP32 master-gradient buffer ({format_bytes(big['master_grad_bytes'])})")
-    if plan_obj.peak_memory:
-        levels.append(plan_obj.peak_memory)
-        ax.axhline(plan_obj.peak_memory * mib, color="tab:gray", linestyle="-.",
-                   label=f"planned peak at b={plan_obj.micro_batch_size}")
-    ax.set_xlabel("micro-step")
-    ax.set_ylabel("memory (MiB)")
-    ax.set_ylim(0, max(levels) * mib * 1.15)  # every line inside the frame, none on it
-    ax.set_title("gaccum demo: memory per micro-step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="center", bbox_to_anchor=(0.5, 0.52))  # the room between the runs and the one batch
+    fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(10, 4.4))
+    runs = ((left, big, "tab:blue", "accumulated run: peak per micro-step"),
+            (right, small, "tab:orange", f"baseline ({small_label}): peak per step"))
+    levels = [budget] + big["micro_peaks"] + small["micro_peaks"] + [reference_peak or 0, plan_obj.peak_memory or 0]
+    for ax, run, color, label in runs:
+        ax.plot(range(1, len(run["micro_peaks"]) + 1), [p * mib for p in run["micro_peaks"]], color=color,
+                linewidth=1.6, label=label, zorder=3)  # drawn over the planned-peak line it meets
+        ax.axhline(budget * mib, color="tab:red", linestyle="--", label=f"planner budget ({format_bytes(budget)})")
+        if reference_peak:
+            ax.axhline(reference_peak * mib, color="black", linestyle="-", linewidth=1.6,
+                       label=f"one batch of {plan_obj.effective_batch_size}, no accumulation "
+                             f"({format_bytes(reference_peak)})")
+        if run is big and big["master_grad_bytes"]:  # only a half-precision model keeps FP32 masters
+            ax.axhline(big["master_grad_bytes"] * mib, color="tab:green", linestyle=":",
+                       label=f"FP32 master-gradient buffer ({format_bytes(big['master_grad_bytes'])})")
+        if plan_obj.peak_memory:
+            ax.axhline(plan_obj.peak_memory * mib, color="tab:gray", linestyle="-.",
+                       label=f"planned peak at b={plan_obj.micro_batch_size}")
+        ax.set_xlabel("micro-step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center", bbox_to_anchor=(0.5, 0.55))  # the room between the runs and the batch
+    left.set_ylabel("memory (MiB)")
+    left.set_ylim(0, max(levels) * mib * 1.15)  # every line inside the frame, none on it
+    fig.suptitle("gaccum demo: memory per micro-step (the same micro-batches, with and without accumulation)")
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
