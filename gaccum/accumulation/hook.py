@@ -33,7 +33,7 @@ from ..batch import batch_size
 from ..schedule import AccumulationSchedule
 from . import checkpoint
 from .boundary import StepResult
-from .checks import check_optimizer, check_scaler_and_scheduler
+from .checks import check_optimizer
 from .core import FLUSH, MICRO_STEP, AccumulationCore
 from .masters import LIVE_MOVERS
 from .state import WindowState
@@ -60,13 +60,11 @@ class AccumulationHook:
                 "gaccum: hook() under torch.distributed must be given the DDP model, hook(optimizer, accum_steps=N, "
                 "model=ddp_model), so that the micro-steps between boundaries skip DDP's reduction as no_sync does "
                 "(it sees the model through nothing else); or use gaccum.Accumulator(ddp_model, optimizer, ...)")
-        check_scaler_and_scheduler(scaler, scheduler, optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        real_step = optimizer.step
         self.core = core = AccumulationCore(
             self, params, optimizer, accum_steps, scaler=scaler, scheduler=scheduler, max_grad_norm=max_grad_norm,
-            master_grads=master_grads, distributed=self.ddp is not None, real_step=lambda: real_step(),
-            guard_backward=True)
+            master_grads=master_grads, distributed=self.ddp is not None,
+            real_step=optimizer.step, guard_backward=True)  # the optimizer's own step, before _install patches it
         if self.ddp is not None and core.masters is not None:
             core.close()  # the one teardown: the optimizer gets its parameters back
             raise ValueError("gaccum: hook(model=ddp_model) with half-precision parameters (FP32 masters) is not "

@@ -170,10 +170,6 @@ class Window:
             return None
         return f"{self.samples} samples where the plan's window ({window}) holds {window_total(window)}"
 
-    def describe(self) -> str:
-        """The one way a window is written in messages: 'micro-step 2 of 4 (accumulating)'."""
-        return f"micro-step {self.micro} of {self.accum_steps} ({self.state.value})"
-
 
 def window_total(window: Sequence[int]) -> int:
     """A plan's window total without iterating a long one (a planner Window knows it)."""
