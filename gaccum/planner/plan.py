@@ -27,8 +27,8 @@ from ..batch import batch_tensors
 from ..memory import format_bytes
 from . import budget as budget_phase
 from . import cache as plan_cache
-from .probe import (AMP_DTYPES, CudaMeter, EvalRig, ProbeResult, Rig, Snapshot, TrackedMeter, fits, optimizer_like,
-                    probe_cuda, probe_tracked)
+from .probe import (AMP_DTYPES, CudaMeter, EvalRig, ProbeResult, Rig, Snapshot, TrackedMeter, fits, measure,
+                    optimizer_like, probe_cuda, probe_tracked)
 from .result import Plan, PlanError, does_not_fit
 from .search import height, search
 from ..windows import Window, balanced_window
@@ -388,19 +388,12 @@ def _samples_per_second(rig: Rig, sample, loss_fn, b: int, snapshot: Snapshot, r
 def _soak_fits(rig: Rig, sample, loss_fn, n: int, size: int, steps: int, budget: int, device: torch.device) -> bool:
     """``n`` micro-steps at ``size`` in windows of ``steps``, measured by the probe's own meter."""
     meter = CudaMeter(device) if device.type == "cuda" else TrackedMeter(rig, budget)
-    try:
-        with meter.measuring():
-            for left in range(n, 0, -steps):  # windows of micro-steps, the last one short
-                rig.step(sample, loss_fn, size, check=False, micro=min(left, steps))
-    except Exception as exc:  # noqa: BLE001 - OOM means "step down"; anything else is the user's
-        if not meter.is_oom(exc):
-            raise
-        meter.after_oom()
-        rig.settle()
-        return False
-    ok = fits(meter.peak(), budget)
-    meter.done()
-    return ok
+
+    def run() -> None:
+        for left in range(n, 0, -steps):  # windows of micro-steps, the last one short
+            rig.step(sample, loss_fn, size, check=False, micro=min(left, steps))
+
+    return fits(measure(rig, meter, run)[0], budget)
 
 
 def _soak(rig: Rig, sample, loss_fn, n: int, window: Window, per_rank: int, uneven: bool, budget: int,

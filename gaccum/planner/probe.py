@@ -420,14 +420,14 @@ class TrackedMeter:
         pass
 
 
-def probe(rig: Any, sample, loss_fn, b: int, budget: int, snapshot: Optional[Snapshot], meter: Any) -> ProbeResult:
-    """One probe at b, measured by ``meter`` (CudaMeter or TrackedMeter): out of memory is an answer, any
-    other error the user's; the weights come back; ``fits`` decides."""
+def measure(rig: Any, meter: Any, run: Callable[[], Any]) -> tuple[Optional[int], float]:
+    """(peak, seconds) of ``run()`` under ``meter``; out of memory is an answer (peak None, the rig settled),
+    any other error the user's."""
     t0 = time.perf_counter()
     oom = False
     try:
         with meter.measuring():
-            rig.step(sample, loss_fn, b, micro=meter.micro, on_phase=meter.on_phase)
+            run()
     except Exception as exc:  # noqa: BLE001 - OOM is an answer, anything else is re-raised
         if not meter.is_oom(exc):
             raise
@@ -438,8 +438,17 @@ def probe(rig: Any, sample, loss_fn, b: int, budget: int, snapshot: Optional[Sna
         meter.after_oom()
         rig.settle()
     meter.done()
+    return peak, seconds
+
+
+def probe(rig: Any, sample, loss_fn, b: int, budget: int, snapshot: Optional[Snapshot], meter: Any) -> ProbeResult:
+    """One probe at b, measured by ``meter`` (CudaMeter or TrackedMeter); the weights come back; ``fits``
+    decides."""
+    peak, seconds = measure(rig, meter, lambda: rig.step(sample, loss_fn, b, micro=meter.micro,
+                                                         on_phase=meter.on_phase))
     if snapshot is not None:
         snapshot.restore_weights()
+    oom = peak is None
     return ProbeResult(b, peak, fits(peak, budget), seconds, oom, meter.phases.get("act") if not oom else None,
                        meter.phases.get("static"))
 
