@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -15,6 +15,15 @@ def batch_size(batch: Any) -> int:
     if len(sizes) > 1:
         raise ValueError(f"gaccum: the batch's tensors disagree on dim 0: {sorted(sizes)}")
     return sizes.pop()
+
+
+def fed_size(args: Any, kwargs: Any) -> Optional[int]:
+    """The samples a forward was fed (its positional and keyword inputs), or None when they have no common
+    batch dimension."""
+    try:
+        return batch_size((args, kwargs))
+    except ValueError:
+        return None
 
 
 def batch_tensors(batch: Any) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 from .. import _dist
 from .._checks import warn_user
 from .._fsdp import check_unreduced_grads, fsdp_root, gradient_sync, load_unreduced_grads, unreduced_grads
-from ..batch import batch_size
+from ..batch import fed_size
 from ..schedule import AccumulationSchedule, as_schedule
 from . import checkpoint
 from .boundary import StepResult
@@ -71,10 +71,7 @@ class _SizeProbe:
     def __call__(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         acc = self.owner()
         if acc is not None and acc._in_block and acc._fed_size is None:
-            try:
-                acc._fed_size = batch_size((args, kwargs))
-            except ValueError:
-                acc._fed_size = None
+            acc._fed_size = fed_size(args, kwargs)
 
 
 @reads_core

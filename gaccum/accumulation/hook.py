@@ -29,7 +29,7 @@ from torch import nn
 
 from .._checks import warn_user
 from .._dist import world_size
-from ..batch import batch_size
+from ..batch import fed_size
 from ..schedule import AccumulationSchedule
 from . import checkpoint
 from .boundary import StepResult
@@ -160,11 +160,8 @@ class AccumulationHook:
         if self.ddp is not None:
             self.core.check_ranks(MICRO_STEP)
         if self._fed is None:
-            try:
-                self._fed = batch_size((args, kwargs))
-            except ValueError:
-                return
-            if self.core.masters is not None:
+            self._fed = fed_size(args, kwargs)
+            if self._fed is not None and self.core.masters is not None:
                 self.core.masters.set_inv_scale(float(self._fed))
 
     def _n(self) -> float:
