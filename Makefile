@@ -52,4 +52,4 @@ gpu-proof-dry-run:
 	$(PY) benchmarks/gpu_proof.py --dry-run
 
 clean:
-	rm -rf $(VENV) build gaccum/_C*.so *.egg-info
+	rm -rf $(VENV) build gaccum/_C*.so gaccum/_cpu*.so *.egg-info

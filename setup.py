@@ -1,8 +1,9 @@
-"""Build hook: compile gaccum._C with nvcc when it is available.
+"""Build hook: gaccum._cpu with the C++ compiler, gaccum._C with nvcc when it is available.
 
-Without nvcc the package installs as pure Python (the PyTorch fallback runs).
-With nvcc a failed build warns and installs without the module, unless
-GACCUM_REQUIRE_EXT=1, which makes it an error (CI sets it).
+gaccum._cpu (csrc/cpu/accumulate.cpp) is the fused CPU pass; gaccum._C the CUDA kernel. A module that
+cannot be built (no compiler, no nvcc) leaves the PyTorch fallback to run on its device: the build warns
+and installs without it, unless GACCUM_REQUIRE_EXT=1, which makes a failed build an error (CI sets it
+when nvcc is present).
 """
 
 import importlib.util
@@ -25,10 +26,46 @@ def _load_build_helper():
     return mod
 
 
+def _required() -> bool:
+    return os.environ.get("GACCUM_REQUIRE_EXT", "") == "1"
+
+
+def _cpu_extension() -> Extension:
+    return Extension("gaccum._cpu", sources=["csrc/cpu/accumulate.cpp"], language="c++")
+
+
 class NvccBuildExt(build_ext):
     def build_extension(self, ext):
+        if ext.name == "gaccum._cpu":
+            self._build_cpu(ext)
+        else:
+            self._build_cuda(ext)
+
+    def _build_cpu(self, ext):
+        """The fused CPU pass: never a fused multiply-add (-ffp-contract=off), so it matches the kernel bitwise."""
+        if os.environ.get("GACCUM_DISABLE_EXT", "") == "1":
+            if _required():
+                raise RuntimeError("gaccum: GACCUM_REQUIRE_EXT=1 but GACCUM_DISABLE_EXT=1")
+            print("gaccum: GACCUM_DISABLE_EXT=1; installing without the CPU module", file=sys.stderr)
+            return
+        import pybind11
+
+        ext.include_dirs.append(pybind11.get_include())
+        if self.compiler.compiler_type == "msvc":
+            ext.extra_compile_args = ["/O2", "/std:c++17", "/fp:precise"]
+        else:
+            ext.extra_compile_args = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"]
+            ext.extra_link_args = ["-pthread"]
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # no compiler, headers missing: the PyTorch fallback serves the CPU
+            if _required():
+                raise
+            print(f"gaccum: CPU module not built ({exc}); the PyTorch fallback will run on CPU", file=sys.stderr)
+
+    def _build_cuda(self, ext):
         helper = _load_build_helper()
-        required = os.environ.get("GACCUM_REQUIRE_EXT", "") == "1"
+        required = _required()
         if os.environ.get("GACCUM_DISABLE_EXT", "") == "1" or helper.find_cuda_home() is None:
             if required:
                 raise RuntimeError("gaccum: GACCUM_REQUIRE_EXT=1 but nvcc was not found (or GACCUM_DISABLE_EXT=1)")
@@ -56,4 +93,4 @@ class NvccBuildExt(build_ext):
         return [p for p in super().get_outputs() if Path(p).exists()]
 
 
-setup(ext_modules=[Extension("gaccum._C", sources=[])], cmdclass={"build_ext": NvccBuildExt})
+setup(ext_modules=[_cpu_extension(), Extension("gaccum._C", sources=[])], cmdclass={"build_ext": NvccBuildExt})

@@ -3,12 +3,16 @@
 GPU mode (a CUDA device present): effective GB/s = bytes that must move / time
 (CUDA events, warm-up, median) for (a) one 256M-element tensor, (b) a GPT-2-small
 parameter list, (c) 10,000 tensors of 1-4K elements; writes results/kernel.json.
-CPU mode: the PyTorch fallback against a plain copy and an upcast loop for 24M
-bf16 gradient elements in 147 tensors; writes results/kernel_cpu.json.
+CPU mode: the fused CPU pass (gaccum._cpu) and the PyTorch chain against a plain
+copy of the same gradients, GPT-2 small's 148 shapes halved (31M bf16 elements),
+the rows timed in turn; writes results/kernel_cpu.json.
 Run: python benchmarks/bench_kernel.py [--cpu]
 """
 
 import argparse
+import contextlib
+import os
+import random
 import statistics
 import sys
 import time
@@ -23,38 +27,55 @@ import gaccum  # noqa: E402
 from gaccum import ops  # noqa: E402
 
 
-def gpt2_small_shapes():
-    d, v, ctx, layers = 768, 50257, 1024, 12
-    shapes = [(v, d), (ctx, d)]
+def gpt2_small_shapes(d=768, vocab=50257, ctx=1024, layers=12):
+    shapes = [(vocab, d), (ctx, d)]
     for _ in range(layers):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return shapes + [(d,), (d,)]
 
 
 def cpu_lists():
-    sizes = []
-    pattern = [589824, 768, 2359296, 768, 2359296, 3072]
-    while sum(sizes) < 24_000_000 and len(sizes) < 147:
-        sizes.append(pattern[len(sizes) % len(pattern)])
-    sizes += [1] * (147 - len(sizes))
+    """GPT-2 small's 148 parameter shapes with every dimension halved (31M elements): bf16 gradients, FP32 masters."""
     torch.manual_seed(0)
-    return [torch.randn(n).bfloat16() for n in sizes], [torch.zeros(n) for n in sizes]
+    shapes = gpt2_small_shapes(d=384, vocab=50257 // 2, ctx=512)
+    return [torch.randn(s).bfloat16() for s in shapes], [torch.zeros(s) for s in shapes]
 
 
-def timeit_cpu(fn, reps=15):
-    fn(), fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+@contextlib.contextmanager
+def pytorch_chain():
+    """The CPU fallback without the fused module: GACCUM_DISABLE_EXT switches every compiled path off."""
+    old = os.environ.get("GACCUM_DISABLE_EXT")
+    os.environ["GACCUM_DISABLE_EXT"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("GACCUM_DISABLE_EXT") if old is None else os.environ.__setitem__("GACCUM_DISABLE_EXT", old)
+
+
+def interleaved(rows: dict, rounds=18) -> dict:
+    """Median seconds per row, every row once a round in a new (seeded) random order, so a drift in the
+    machine's speed, and whatever a row leaves behind for the next, reach every row alike."""
+    for fn in rows.values():
+        fn(), fn()
+    times = {k: [] for k in rows}
+    order = random.Random(0)
+    for _ in range(rounds):
+        for k in order.sample(list(rows), len(rows)):
+            fn = rows[k]
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run_cpu():
     grads, masters = cpu_lists()
     found = torch.zeros(1)
     n = sum(g.numel() for g in grads)
+
+    def chain_call(s, overwrite=False):
+        with pytorch_chain():
+            gaccum.unscale_check_accumulate_(grads, masters, found, s, overwrite=overwrite)
 
     def upcast_loop():
         for g, m in zip(grads, masters):
@@ -63,21 +84,36 @@ def run_cpu():
                 found.fill_(1)
             m.add_(u)
 
-    rows = {
-        "copy (roof)": timeit_cpu(lambda: torch._foreach_copy_(masters, grads)),
-        "upcast-unscale-check-add loop": timeit_cpu(upcast_loop),
-        "_foreach_add_ (no check)": timeit_cpu(lambda: torch._foreach_add_(masters, grads, alpha=0.5)),
-        "gaccum fallback (accumulate, checked)": timeit_cpu(lambda: gaccum.unscale_check_accumulate_(grads, masters, found, 0.5)),
-        "gaccum fallback (accumulate, inv_scale=1)": timeit_cpu(lambda: gaccum.unscale_check_accumulate_(grads, masters, found, 1.0)),
-        "gaccum fallback (overwrite, inv_scale=1)": timeit_cpu(lambda: gaccum.unscale_check_accumulate_(grads, masters, found, 1.0, overwrite=True)),
-    }
-    copy = rows["copy (roof)"]
-    print(f"CPU, {torch.get_num_threads()} threads, {n / 1e6:.1f}M bf16 elements in {len(grads)} tensors")
-    print(f"{'implementation':<44} {'ms':>8} {'x copy':>8}")
+    copy_row = {"copy (roof)": lambda: torch._foreach_copy_(masters, grads)}
+    rows = interleaved({
+        **copy_row,
+        "gaccum CPU kernel (accumulate, checked)": lambda: gaccum.unscale_check_accumulate_(grads, masters, found, 0.5),
+        "gaccum CPU kernel (accumulate, inv_scale=1)": lambda: gaccum.unscale_check_accumulate_(grads, masters, found, 1.0),
+        "gaccum CPU kernel (overwrite)": lambda: gaccum.unscale_check_accumulate_(grads, masters, found, 0.5, overwrite=True),
+    })
+    # torch's mixed-dtype ops, the chain and the loop allocate and free scratch each call, which slowed
+    # whichever row ran next (the kernel's rows by up to half a copy): each group is timed on its own, against
+    # a copy timed in the same group, and every ratio is to its group's copy.
+    chain = interleaved({
+        **copy_row,
+        "_foreach_add_ (no check)": lambda: torch._foreach_add_(masters, grads, alpha=0.5),
+        "gaccum PyTorch chain (accumulate, checked)": lambda: chain_call(0.5),
+        "gaccum PyTorch chain (accumulate, inv_scale=1)": lambda: chain_call(1.0),
+        "gaccum PyTorch chain (overwrite)": lambda: chain_call(0.5, overwrite=True),
+    })
+    loop = interleaved({**copy_row, "upcast-unscale-check-add loop": upcast_loop}, rounds=5)
+    ratios = {k: v / rows["copy (roof)"] for k, v in rows.items()}
+    for group in (chain, loop):
+        ratios.update({k: v / group["copy (roof)"] for k, v in group.items() if k != "copy (roof)"})
+        rows.update({k: v for k, v in group.items() if k != "copy (roof)"})
+    print(f"CPU, {torch.get_num_threads()} threads, {n / 1e6:.1f}M bf16 elements in {len(grads)} tensors, "
+          f"backend {ops.backend_for('cpu')}")
+    print(f"{'implementation':<48} {'ms':>8} {'x copy':>8}")
     for k, v in rows.items():
-        print(f"{k:<44} {v * 1e3:>8.2f} {v / copy:>8.2f}")
+        print(f"{k:<48} {v * 1e3:>8.2f} {ratios[k]:>8.2f}")
     path = write("kernel_cpu.json", {**environment(), "elements": n, "tensors": len(grads),
-                                     "cases": {k: {"ms": v * 1e3, "x_copy": v / copy} for k, v in rows.items()}})
+                                     "shapes": "GPT-2 small, every dimension halved", "backend": ops.backend_for("cpu"),
+                                     "cases": {k: {"ms": v * 1e3, "x_copy": ratios[k]} for k, v in rows.items()}})
     print(f"wrote {path}")
 
 

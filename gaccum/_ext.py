@@ -10,6 +10,7 @@ the PyTorch fallback runs and one warning says so.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -115,6 +116,25 @@ def load(jit: bool = True, quiet: bool = False) -> ModuleType | None:
                 RuntimeWarning,
             )
         return module
+
+
+_cpu_state: dict[str, object] = {"tried": False, "module": None}
+
+
+def load_cpu() -> ModuleType | None:
+    """The fused CPU pass (``gaccum._cpu``, built at install by the C++ compiler), or None: not built
+    (no compiler then; the PyTorch fallback runs, ``ops.backend_for("cpu")`` says so) or
+    ``GACCUM_DISABLE_EXT`` set -- read on every call, so one variable switches every compiled path off."""
+    if disabled():
+        return None
+    with _lock:
+        if not _cpu_state["tried"]:
+            try:
+                module: ModuleType | None = importlib.import_module("gaccum._cpu")
+            except ImportError:
+                module = None
+            _cpu_state.update(tried=True, module=module)
+        return _cpu_state["module"]  # type: ignore[return-value]
 
 
 def reason() -> str | None:

@@ -5,6 +5,8 @@ know which ran:
 
 * CUDA tensors with the compiled module loaded: one fused multi-tensor launch
   (csrc/), which reads each gradient once and read-modify-writes each master.
+* CPU tensors with ``gaccum._cpu`` built: its fused pass (csrc/cpu/accumulate.cpp), the same in one
+  read of each gradient and one read-modify-write of each master.
 * Everything else: a pure-PyTorch implementation on ``torch._foreach_*`` ops.
 
 Semantics (both implementations, bitwise):
@@ -101,11 +103,33 @@ def _fallback(
         torch._foreach_zero_(grads)
 
 
+def _cpu_update(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor, s: float,
+                overwrite: bool, sq_norm: Optional[torch.Tensor]) -> None:
+    """The CPU path: the fused pass (``gaccum._cpu``, one read of each gradient and one read-modify-write of
+    each master, threads as torch's) for contiguous pairs of one layout; :func:`_cpu_chain` for the rest or
+    when the module is not built. Same results bit for bit; the sum of squares may differ in its rounding."""
+    ext = _ext.load_cpu()
+    fused = [k for k, (g, m) in enumerate(zip(grads, masters))
+             if ext is not None and g.stride() == m.stride() and _kernel_eligible(g, m)]
+    if fused:
+        taken = set(fused)
+        fg, fm = [grads[k] for k in fused], [masters[k] for k in fused]
+        sq, non_finite = ext.accumulate(*pointer_tables(fg, fm), s, overwrite, torch.get_num_threads())
+        if non_finite:
+            found_inf.fill_(1.0)
+        if sq_norm is not None:
+            sq_norm.add_(sq)
+        grads = [g for k, g in enumerate(grads) if k not in taken]
+        masters = [m for k, m in enumerate(masters) if k not in taken]
+    if grads:
+        _cpu_chain(grads, masters, found_inf, s, overwrite, sq_norm)
+
+
 _CHUNK = 1 << 18  # 1 MiB of FP32: a piece stays in cache between its update and its check
 
 
-def _cpu_update(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor, s: float,
-                overwrite: bool, sq_norm: Optional[torch.Tensor]) -> None:
+def _cpu_chain(grads: list[torch.Tensor], masters: list[torch.Tensor], found_inf: torch.Tensor, s: float,
+               overwrite: bool, sq_norm: Optional[torch.Tensor]) -> None:
     """masters = (0 or masters) + float32(grads) * s, the product rounded first, then the check.
 
     Large tensors go piece by piece: the product into a reused 1 MiB FP32 buffer (one ``mul`` with a
@@ -377,10 +401,13 @@ def unscale_check_accumulate_(
 
 
 def backend_for(device: torch.device | str) -> str:
-    """'cuda-kernel', 'host-emulation' or 'pytorch-fallback': which implementation would run on ``device``."""
+    """'cuda-kernel', 'host-emulation', 'cpu-kernel' or 'pytorch-fallback': which implementation would run
+    on ``device`` for contiguous tensors."""
     device = torch.device(device)
     if device.type == "cuda" and _kernel_module(device) is not None:
         return "cuda-kernel"
     if device.type == "cpu" and _HOST["module"] is not None:
         return "host-emulation"
+    if device.type == "cpu" and _ext.load_cpu() is not None:
+        return "cpu-kernel"
     return "pytorch-fallback"

@@ -1,7 +1,10 @@
 import os
 
+import pytest
 import torch
 from torch import nn
+
+from gaccum import _ext, ops
 
 # Tests assert numerics; keep them single-threaded-deterministic and quiet.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -27,3 +30,15 @@ def max_rel_diff(a_params, b_params):
 
 def max_abs_diff(a_params, b_params):
     return max(float((a.detach().double() - b.detach().double()).abs().max()) for a, b in zip(a_params, b_params))
+
+
+@pytest.fixture(params=["cpu-kernel", "pytorch-fallback"])
+def cpu_backend(request, monkeypatch):
+    """Run a test on each CPU implementation: the fused pass (gaccum._cpu) and the PyTorch chain."""
+    if request.param == "pytorch-fallback":
+        monkeypatch.setattr(_ext, "load_cpu", lambda: None)
+    elif ops.backend_for("cpu") != "cpu-kernel":
+        pytest.skip("gaccum._cpu is not built here (no C++ compiler at install)")
+    assert ops.backend_for("cpu") == request.param
+    return request.param
+

@@ -101,15 +101,15 @@ def test_cmake_builds_the_same_module(tmp_path):
     assert mod.CHUNK_SIZE == 65536
 
 
-def test_cpu_tensors_dispatch_to_the_fallback_even_with_the_module_loaded():
+def test_cpu_tensors_never_reach_the_cuda_module_even_with_it_loaded():
     g, m, f = [torch.ones(3, dtype=torch.bfloat16)], [torch.zeros(3)], torch.zeros(1)
     gaccum.unscale_check_accumulate_(g, m, f, 0.5)
     assert m[0].tolist() == [0.5, 0.5, 0.5]
-    assert ops.backend_for("cpu") == "pytorch-fallback"
+    assert ops.backend_for("cpu") in ("cpu-kernel", "pytorch-fallback")
 
 
 def test_setup_installs_without_nvcc(tmp_path):
-    """setup.py's build step skips the module cleanly when nvcc is absent."""
+    """setup.py's build step skips the CUDA module cleanly when nvcc is absent, and builds the CPU one."""
     r = _run(f"""
         import importlib.util, sys, pathlib
         sys.argv = ['setup.py', 'build_ext', '--build-lib', {str(tmp_path)!r}, '--build-temp', {str(tmp_path / 't')!r}]
@@ -118,9 +118,25 @@ def test_setup_installs_without_nvcc(tmp_path):
         src = pathlib.Path('setup.py').read_text().replace('helper.find_cuda_home() is None', 'True')
         exec(compile(src, 'setup.py', 'exec'), {{'__file__': 'setup.py', '__name__': '__main__'}})
         print('INSTALLED', list(pathlib.Path({str(tmp_path)!r}).rglob('_C*')))
+        from gaccum import _ext  # the CPU module is built all the same, with the C++ compiler
+        mod = _ext.load_from(next(pathlib.Path({str(tmp_path)!r}).rglob('_cpu*.so')), 'gaccum._cpu')
+        print('CPU', mod.accumulate([], [], [], [], 1.0, False, 1))
     """, GACCUM_REQUIRE_EXT="0")
     assert r.returncode == 0, r.stderr
-    assert "INSTALLED []" in r.stdout and "nvcc not found" in r.stderr
+    assert "INSTALLED []" in r.stdout and "nvcc not found" in r.stderr and "CPU (0.0, False)" in r.stdout
+
+
+def test_setup_without_a_cpp_compiler_installs_without_the_cpu_module(tmp_path):
+    """No working C++ compiler: gaccum._cpu is left out with one line saying so, and the CPU runs the chain."""
+    r = _run(f"""
+        import sys, pathlib
+        sys.argv = ['setup.py', 'build_ext', '--build-lib', {str(tmp_path)!r}, '--build-temp', {str(tmp_path / 't')!r}]
+        src = pathlib.Path('setup.py').read_text().replace('helper.find_cuda_home() is None', 'True')
+        exec(compile(src, 'setup.py', 'exec'), {{'__file__': 'setup.py', '__name__': '__main__'}})
+        print('INSTALLED', sorted(p.name for p in pathlib.Path({str(tmp_path)!r}).rglob('*.so')))
+    """, GACCUM_REQUIRE_EXT="0", CC="false", CXX="false", LDSHARED="false")
+    assert r.returncode == 0, r.stderr
+    assert "INSTALLED []" in r.stdout and "CPU module not built" in r.stderr
 
 
 def test_ranks_building_at_once_wait_for_one_build(tmp_path, monkeypatch):

@@ -5,6 +5,8 @@ from torch.library import opcheck
 import gaccum
 from gaccum import ops
 
+pytestmark = pytest.mark.usefixtures("cpu_backend")  # each test on the fused CPU pass and the PyTorch chain
+
 
 def _ref(grads, masters, inv_scale, overwrite):
     out = []
@@ -111,7 +113,3 @@ def test_bad_input_is_rejected_before_anything_changes(grads, masters, found, in
     with pytest.raises(err):
         gaccum.unscale_check_accumulate_(grads, masters, found, inv)
     assert all(torch.equal(a, b) for a, b in zip(before, masters))
-
-
-def test_backend_for_cpu_is_fallback():
-    assert ops.backend_for("cpu") == "pytorch-fallback"

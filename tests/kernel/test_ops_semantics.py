@@ -8,6 +8,8 @@ import torch
 from gaccum.accumulation import MasterGrads
 from gaccum.ops import _fallback, _fallback_no_sync, pointer_tables, unscale_check_accumulate_
 
+pytestmark = pytest.mark.usefixtures("cpu_backend")  # each test on the fused CPU pass and the PyTorch chain
+
 
 def reference(m, g, s, overwrite=False):
     """float32(m + float32(float32(g) * s)) in numpy, which never fuses the two."""
