@@ -23,7 +23,7 @@ MUTANTS = {
     "fused multiply-add in the tail": ("const float p = From::one(g[i]) * s;\n    const float v = Overwrite ? p : m[i] + p;",
                                       "const float p = From::one(g[i]) * s;\n    const float v = Overwrite ? p : "
                                       "std::fma(From::one(g[i]), s, m[i]);"),
-    "bfloat16 shifted one bit short": ("u4) << 16); }", "u4) << 15); }"),
+    "bfloat16 shifted one bit short": ("widen(p) << 16); }", "widen(p) << 15); }"),
     "half's inf/NaN test off by one": ("bitcast<u4>(em >= 0x7c00u);", "bitcast<u4>(em > 0x7c00u);"),
     "tail's flag lost": ("tail_bad = tail_bad || (v - v) != 0.0f;", ""),
     "overwrite ignored in the tail": ("const float v = Overwrite ? p : m[i] + p;", "const float v = m[i] + p;"),
