@@ -206,7 +206,7 @@ void launch_tables(const uintptr_t* grads, const uintptr_t* masters, const int64
   const cudaError_t earlier = cudaGetLastError();
   if (earlier != cudaSuccess) {
     throw std::runtime_error(std::string("gaccum: a CUDA error was pending before gaccum's launch (from earlier "
-                                         "work, not gaccum's kernel): ") + cudaGetErrorString(earlier));
+                                         "work, not this launch): ") + cudaGetErrorString(earlier));
   }
   // With a norm asked for, every block writes its partial sum to a scratch array (stream-ordered), added up
   // by one more small launch at the end.

@@ -182,10 +182,7 @@ class MasterGrads:
         for overwrite, (index, ptrs, keep) in ready:
             self._ready[overwrite] = ([], [], [])
             self._fused.launch(index, ptrs, overwrite)  # type: ignore[union-attr]
-            if self.device.type == "cuda":  # freed below: not reused before the launch on this stream has read them
-                stream = torch.cuda.current_stream(self.device)
-                for g in keep:
-                    g.record_stream(stream)
+            self._used_by_stream(keep)
             done += index
         for overwrite in (True, False):
             sel = [i for i in slow if self.written[i] != overwrite]
@@ -195,9 +192,19 @@ class MasterGrads:
             masters = [self.views[i] for i in sel]
             # The first micro-step of a window overwrites: no separate zeroing pass.
             unscale_check_accumulate_(grads, masters, self.found_inf, self._inv_scale, overwrite=overwrite)
+            self._used_by_stream(grads)
         for i in done:
             self.params[i].grad = None
             self.written[i] = True
+
+    def _used_by_stream(self, grads: list[torch.Tensor]) -> None:
+        """Gradients about to be freed, read by work just queued on the current stream: on CUDA the caching
+        allocator must not give their memory to another stream (a backward's, a side stream's) before that
+        work has read it."""
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            for g in grads:
+                g.record_stream(stream)
 
     # -- window boundary ---------------------------------------------------
     def finalize(self) -> None:

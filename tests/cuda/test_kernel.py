@@ -236,3 +236,60 @@ def test_master_buckets_fill_two_waves_of_blocks(ext):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     blocks = bucket_bytes_for(torch.device("cuda")) // (65536 * 2)  # bf16 chunks of 65,536 elements
     assert blocks >= 2 * 4 * sms  # two waves of 4 blocks per SM (an H200: 1,056 blocks)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_flush_on_a_side_stream_keeps_the_freed_gradients_until_it_has_read_them(ext, fused):
+    """The masters flush on a delayed side stream; the default stream then allocates and overwrites memory of
+    the freed gradients' sizes at once. Without record_stream the allocator hands their blocks over before
+    the side stream's launch reads them, and the masters take the garbage."""
+    from gaccum.accumulation import MasterGrads
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 64)).cuda().bfloat16()
+    masters = MasterGrads(list(model.parameters()))
+    if not fused:
+        masters._fused = None  # the custom op's path
+    model(torch.randn(32, 256, device="cuda").bfloat16()).float().pow(2).mean().backward()
+    want = [p.grad.float().clone() for p in model.parameters()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s: the launch below waits behind it
+        masters.finalize()
+    junk = [torch.full_like(w, float("nan"), dtype=torch.bfloat16) for w in want for _ in range(4)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(v.view_as(w), w) for v, w in zip(masters.views, want))
+    del junk
+    masters.remove()
+
+
+def test_an_error_pending_before_the_launch_is_said_to_be_earlier_work(ext):
+    """A sticky CUDA error left by earlier work (here an illegal address from a launch given a bogus
+    master pointer, seen by torch's synchronize) is reported as earlier work at the next launch, not as
+    this launch's failure. In a fresh process: the error ends the CUDA context."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, gaccum
+        from gaccum import _ext, ops
+        ext = _ext.load()
+        g = torch.ones(1 << 20, device="cuda")
+        f, s = torch.zeros(1, device="cuda"), torch.ones(1, device="cuda")
+        ext.unscale_check_accumulate([g.data_ptr()], [16], [g.numel()], [0], s.data_ptr(), f.data_ptr(), 0,
+                                     False, False, ops._stream(g.device))
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            print("TORCH SAW", exc)
+        try:
+            ext.unscale_check_accumulate([g.data_ptr()], [g.data_ptr()], [1], [0], s.data_ptr(), f.data_ptr(), 0,
+                                         False, False, ops._stream(g.device))
+        except RuntimeError as exc:
+            print("GACCUM SAID", exc)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "TORCH SAW" in r.stdout, r.stdout + r.stderr
+    assert "GACCUM SAID gaccum: a CUDA error was pending before gaccum's launch" in r.stdout, r.stdout + r.stderr
