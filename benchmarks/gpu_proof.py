@@ -223,13 +223,25 @@ def dry_run() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs after 2 s. A killed process whose parent died too waits as a zombie until
+    init reaps it, which some containers' init does late: a zombie runs nothing and counts as dead."""
     for _ in range(20):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
+        if _zombie(pid):
+            return False
         time.sleep(0.1)
     return True
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS): only kill(pid, 0) tells
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def main() -> int:
