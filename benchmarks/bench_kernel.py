@@ -49,7 +49,10 @@ def pytorch_chain():
     try:
         yield
     finally:
-        os.environ.pop("GACCUM_DISABLE_EXT") if old is None else os.environ.__setitem__("GACCUM_DISABLE_EXT", old)
+        if old is None:
+            del os.environ["GACCUM_DISABLE_EXT"]
+        else:
+            os.environ["GACCUM_DISABLE_EXT"] = old
 
 
 def interleaved(rows: dict, rounds=18) -> dict:

@@ -109,20 +109,18 @@ def _cpu_update(grads: list[torch.Tensor], masters: list[torch.Tensor], found_in
     each master, threads as torch's) for contiguous pairs of one layout; :func:`_cpu_chain` for the rest or
     when the module is not built. Same results bit for bit; the sum of squares may differ in its rounding."""
     ext = _ext.load_cpu()
-    fused = [k for k, (g, m) in enumerate(zip(grads, masters))
-             if ext is not None and g.stride() == m.stride() and _kernel_eligible(g, m)]
-    if fused:
-        taken = set(fused)
-        fg, fm = [grads[k] for k in fused], [masters[k] for k in fused]
-        sq, non_finite = ext.accumulate(*pointer_tables(fg, fm), s, overwrite, torch.get_num_threads())
+    if ext is None:
+        _cpu_chain(grads, masters, found_inf, s, overwrite, sq_norm)
+        return
+    fast_g, fast_m, slow_g, slow_m = _split_eligible(grads, masters)
+    if fast_g:
+        sq, non_finite = ext.accumulate(*pointer_tables(fast_g, fast_m), s, overwrite, torch.get_num_threads())
         if non_finite:
             found_inf.fill_(1.0)
         if sq_norm is not None:
             sq_norm.add_(sq)
-        grads = [g for k, g in enumerate(grads) if k not in taken]
-        masters = [m for k, m in enumerate(masters) if k not in taken]
-    if grads:
-        _cpu_chain(grads, masters, found_inf, s, overwrite, sq_norm)
+    if slow_g:
+        _cpu_chain(slow_g, slow_m, found_inf, s, overwrite, sq_norm)
 
 
 _CHUNK = 1 << 18  # 1 MiB of FP32: a piece stays in cache between its update and its check
@@ -224,6 +222,20 @@ def _kernel_eligible(g: torch.Tensor, m: torch.Tensor) -> bool:
     return cl is not None and g.is_contiguous(memory_format=cl) and m.is_contiguous(memory_format=cl)
 
 
+def _split_eligible(grads: Sequence[torch.Tensor], masters: Sequence[torch.Tensor]) -> tuple:
+    """(grads, masters) a compiled pass takes -- dense pairs of one layout, walked as flat arrays -- and the
+    rest (e.g. a channels_last gradient with a contiguous master), for the fallback."""
+    fast_g, fast_m, slow_g, slow_m = [], [], [], []
+    for g, m in zip(grads, masters):
+        if g.stride() == m.stride() and _kernel_eligible(g, m):
+            fast_g.append(g)
+            fast_m.append(m)
+        else:
+            slow_g.append(g)
+            slow_m.append(m)
+    return fast_g, fast_m, slow_g, slow_m
+
+
 # The host backend: csrc/'s kernel built against the CUDA emulation (gaccum._hostemu.build_module). When
 # set, CPU tensors take the same kernel path CUDA tensors take -- the split into kernel-eligible and
 # fallback tensors, the pointer tables, the launch call -- so that path runs, and is checked, in CI.
@@ -269,14 +281,7 @@ def _kernel_path(ext: ModuleType, grads: Sequence[torch.Tensor], masters: Sequen
                  found_inf: torch.Tensor, inv_scale: torch.Tensor, overwrite: bool, zero_grads: bool,
                  sq_norm: Optional[torch.Tensor]) -> None:
     """One launch for the tensors the kernel takes, the fallback for the rest."""
-    fast_g, fast_m, slow_g, slow_m = [], [], [], []
-    for g, m in zip(grads, masters):
-        if g.stride() == m.stride() and _kernel_eligible(g, m):
-            fast_g.append(g)
-            fast_m.append(m)
-        else:  # e.g. a channels_last gradient with a contiguous master
-            slow_g.append(g)
-            slow_m.append(m)
+    fast_g, fast_m, slow_g, slow_m = _split_eligible(grads, masters)
     if fast_g:
         gp, mp, sizes, dtypes = pointer_tables(fast_g, fast_m)
         device = found_inf.device

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 cpu = _ext.load_cpu()
 pytestmark = pytest.mark.skipif(cpu is None, reason="gaccum._cpu is not built here (no C++ compiler at install)")
 
-# Around the pass's structure: 16 elements a step, 16,384 a work unit, threads from 262,144 elements on.
-SIZES = (0, 1, 15, 16, 17, 16383, 16384, 16385, 300_007)
+# Around the pass's structure: 16 elements a step, 4,096 a work unit, threads from 262,144 elements on.
+SIZES = (0, 1, 15, 16, 17, 4095, 4096, 4097, 16383, 16384, 16385, 300_007)
 
 
 def reference(m, g, s, overwrite):

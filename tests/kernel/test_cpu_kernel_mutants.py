@@ -60,8 +60,8 @@ RUN = textwrap.dedent("""
 @pytest.mark.skipif(CXX is None or sys.platform == "win32", reason="needs a C++ compiler")
 def test_each_planted_bug_fails_the_reference_tests(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        built = dict(zip(MUTANTS, pool.map(lambda kv: build(kv[0], kv[1], tmp_path / str(list(MUTANTS).index(kv[0]))),
-                                            MUTANTS.items())))
+        paths = pool.map(lambda k_item: build(*k_item[1], tmp_path / str(k_item[0])), enumerate(MUTANTS.items()))
+        built = dict(zip(MUTANTS, paths))
     outcome = {}
     for name, path in built.items():
         r = subprocess.run([sys.executable, "-c", RUN, str(path)], capture_output=True, text=True, cwd=ROOT)

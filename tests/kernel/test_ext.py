@@ -108,33 +108,34 @@ def test_cpu_tensors_never_reach_the_cuda_module_even_with_it_loaded():
     assert ops.backend_for("cpu") in ("cpu-kernel", "pytorch-fallback")
 
 
-def test_setup_installs_without_nvcc(tmp_path):
-    """setup.py's build step skips the CUDA module cleanly when nvcc is absent, and builds the CPU one."""
-    r = _run(f"""
-        import importlib.util, sys, pathlib
+def _setup_build_ext_without_nvcc(tmp_path, then: str, **env):
+    """Run setup.py's build_ext into tmp_path in a fresh process as if nvcc were absent, then ``then``."""
+    return _run(textwrap.dedent(f"""
+        import sys, pathlib
         sys.argv = ['setup.py', 'build_ext', '--build-lib', {str(tmp_path)!r}, '--build-temp', {str(tmp_path / 't')!r}]
-        spec = importlib.util.spec_from_file_location('gb', 'gaccum/_build.py')
-        import setuptools
         src = pathlib.Path('setup.py').read_text().replace('helper.find_cuda_home() is None', 'True')
         exec(compile(src, 'setup.py', 'exec'), {{'__file__': 'setup.py', '__name__': '__main__'}})
-        print('INSTALLED', list(pathlib.Path({str(tmp_path)!r}).rglob('_C*')))
+        out = pathlib.Path({str(tmp_path)!r})
+    """) + textwrap.dedent(then), GACCUM_REQUIRE_EXT="0", **env)
+
+
+def test_setup_installs_without_nvcc(tmp_path):
+    """setup.py's build step skips the CUDA module cleanly when nvcc is absent, and builds the CPU one."""
+    r = _setup_build_ext_without_nvcc(tmp_path, """
+        print('INSTALLED', list(out.rglob('_C*')))
         from gaccum import _ext  # the CPU module is built all the same, with the C++ compiler
-        mod = _ext.load_from(next(pathlib.Path({str(tmp_path)!r}).rglob('_cpu*.so')), 'gaccum._cpu')
+        mod = _ext.load_from(next(out.rglob('_cpu*.so')), 'gaccum._cpu')
         print('CPU', mod.accumulate([], [], [], [], 1.0, False, 1))
-    """, GACCUM_REQUIRE_EXT="0")
+    """)
     assert r.returncode == 0, r.stderr
     assert "INSTALLED []" in r.stdout and "nvcc not found" in r.stderr and "CPU (0.0, False)" in r.stdout
 
 
 def test_setup_without_a_cpp_compiler_installs_without_the_cpu_module(tmp_path):
     """No working C++ compiler: gaccum._cpu is left out with one line saying so, and the CPU runs the chain."""
-    r = _run(f"""
-        import sys, pathlib
-        sys.argv = ['setup.py', 'build_ext', '--build-lib', {str(tmp_path)!r}, '--build-temp', {str(tmp_path / 't')!r}]
-        src = pathlib.Path('setup.py').read_text().replace('helper.find_cuda_home() is None', 'True')
-        exec(compile(src, 'setup.py', 'exec'), {{'__file__': 'setup.py', '__name__': '__main__'}})
-        print('INSTALLED', sorted(p.name for p in pathlib.Path({str(tmp_path)!r}).rglob('*.so')))
-    """, GACCUM_REQUIRE_EXT="0", CC="false", CXX="false", LDSHARED="false")
+    r = _setup_build_ext_without_nvcc(tmp_path, """
+        print('INSTALLED', sorted(p.name for p in out.rglob('*.so')))
+    """, CC="false", CXX="false", LDSHARED="false")
     assert r.returncode == 0, r.stderr
     assert "INSTALLED []" in r.stdout and "CPU module not built" in r.stderr
 
